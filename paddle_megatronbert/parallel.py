@@ -1,0 +1,340 @@
+"""Tensor-parallel layers and their autograd mappings: the only module that knows about ranks.
+
+fleet's ``meta_parallel`` layers have no CPU kernels (``c_identity``/``c_split`` and the parallel
+cross-entropy fail on CPU), so the Megatron mappings are written here as ``PyLayer``s over
+``paddle.distributed`` collectives, which run over gloo on CPU and NCCL on GPU.
+
+At ``tensor_parallel_degree == 1`` every layer here is the plain Paddle layer (no group, no collective),
+so the model reads as a plain BERT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import paddle
+import paddle.distributed as dist
+import paddle.nn as nn
+import paddle.nn.functional as F
+from paddle.autograd import PyLayer
+
+# ---- the tensor-parallel group -------------------------------------------------------------------
+_TP_GROUP = None  # paddle.distributed group of this rank's tensor-parallel peers
+_TP_RANK = 0
+_TP_DEGREE = 1
+
+
+def set_tensor_parallel_group(group, rank: int, degree: int) -> None:
+    """Register the tensor-parallel group (called once by :func:`distributed.init_distributed`)."""
+    global _TP_GROUP, _TP_RANK, _TP_DEGREE
+    _TP_GROUP, _TP_RANK, _TP_DEGREE = group, rank, degree
+
+
+def get_tensor_parallel_group():
+    return _TP_GROUP
+
+
+def get_tensor_parallel_rank() -> int:
+    return _TP_RANK
+
+
+def get_tensor_parallel_degree() -> int:
+    return _TP_DEGREE
+
+
+def _check_degree(degree: int) -> None:
+    if degree > 1 and _TP_DEGREE != degree:
+        raise RuntimeError(
+            f"the model asks for tensor_parallel_degree={degree} but the process group has "
+            f"{_TP_DEGREE}: call paddle_megatronbert.distributed.init_distributed(tensor_parallel_degree="
+            f"{degree}) under paddle.distributed.launch before building the model"
+        )
+
+
+def divide_padded(size: int, degree: int) -> int:
+    """Rows per rank when ``size`` is split over ``degree`` ranks, padding the last rank."""
+    return int(math.ceil(size / degree))
+
+
+# ---- autograd mappings (Megatron's mappings.py) ---------------------------------------------------
+def _all_reduce(tensor, group):
+    out = tensor.clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _gather_last_dim(tensor, group, degree):
+    pieces = []
+    dist.all_gather(pieces, tensor, group=group)
+    return paddle.concat(pieces, axis=-1)
+
+
+def _split_last_dim(tensor, rank, degree):
+    size = tensor.shape[-1] // degree
+    return tensor[..., rank * size : (rank + 1) * size].clone()
+
+
+class _CopyToRegion(PyLayer):
+    """Identity forward, all-reduce of the gradient backward (the input of a column-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group)
+
+
+class _ReduceFromRegion(PyLayer):
+    """All-reduce forward, identity backward (the output of a row-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _GatherFromRegion(PyLayer):
+    """All-gather along the last dim forward, keep this rank's slice backward."""
+
+    @staticmethod
+    def forward(ctx, x, group, rank, degree):
+        ctx.rank, ctx.degree = rank, degree
+        return _gather_last_dim(x, group, degree)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last_dim(grad, ctx.rank, ctx.degree)
+
+
+def copy_to_tensor_parallel_region(x):
+    if _TP_DEGREE == 1:
+        return x
+    return _CopyToRegion.apply(x, _TP_GROUP)
+
+
+def reduce_from_tensor_parallel_region(x):
+    if _TP_DEGREE == 1:
+        return x
+    return _ReduceFromRegion.apply(x, _TP_GROUP)
+
+
+def gather_from_tensor_parallel_region(x):
+    if _TP_DEGREE == 1:
+        return x
+    return _GatherFromRegion.apply(x, _TP_GROUP, _TP_RANK, _TP_DEGREE)
+
+
+# ---- layers ---------------------------------------------------------------------------------------
+class ColumnParallelLinear(nn.Layer):
+    """``y = x W + b`` with ``W`` split along its output dim: each rank computes a slice of ``y``.
+
+    Args:
+        in_features: input width (full).
+        out_features: output width (full); must divide by the tensor-parallel degree.
+        degree: tensor-parallel degree (1 = a plain ``nn.Linear``).
+        gather_output: all-gather the output slices into the full ``y``. Megatron keeps it False for
+            QKV and h->4h, whose consumers work per head / per column.
+        weight_attr, bias_attr: Paddle parameter attributes (initialisers).
+    """
+
+    def __init__(self, in_features, out_features, degree=1, gather_output=False, weight_attr=None, bias_attr=None):
+        super().__init__()
+        _check_degree(degree)
+        if out_features % degree != 0:
+            raise ValueError(f"output size {out_features} is not divisible by tensor_parallel_degree {degree}")
+        self.degree, self.gather_output = degree, gather_output
+        self.weight = self.create_parameter([in_features, out_features // degree], attr=weight_attr)
+        self.bias = self.create_parameter([out_features // degree], attr=bias_attr, is_bias=True)
+        self.weight.is_distributed = self.bias.is_distributed = degree > 1
+
+    def forward(self, x):
+        x = copy_to_tensor_parallel_region(x) if self.degree > 1 else x
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tensor_parallel_region(y) if self.degree > 1 and self.gather_output else y
+
+
+class RowParallelLinear(nn.Layer):
+    """``y = x W + b`` with ``W`` split along its input dim; partial products are all-reduced.
+
+    Args:
+        in_features: input width (full); must divide by the tensor-parallel degree.
+        out_features: output width.
+        degree: tensor-parallel degree (1 = a plain ``nn.Linear``).
+        weight_attr, bias_attr: Paddle parameter attributes. The bias is replicated and added once,
+            after the all-reduce.
+    """
+
+    def __init__(self, in_features, out_features, degree=1, weight_attr=None, bias_attr=None):
+        super().__init__()
+        _check_degree(degree)
+        if in_features % degree != 0:
+            raise ValueError(f"input size {in_features} is not divisible by tensor_parallel_degree {degree}")
+        self.degree = degree
+        self.weight = self.create_parameter([in_features // degree, out_features], attr=weight_attr)
+        self.bias = self.create_parameter([out_features], attr=bias_attr, is_bias=True)
+        self.weight.is_distributed = degree > 1
+
+    def forward(self, x):
+        if self.degree == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = reduce_from_tensor_parallel_region(paddle.matmul(x, self.weight))
+        return y + self.bias
+
+
+class VocabParallelEmbedding(nn.Layer):
+    """Embedding whose rows (the vocabulary) are split over the ranks; out-of-slice ids give zeros,
+    and the all-reduce sums the one rank that holds each id.
+
+    Args:
+        num_embeddings: vocabulary size (full). When it does not divide by ``degree`` the last rank's
+            slice is padded with rows no id reaches.
+        embedding_dim: width.
+        degree: tensor-parallel degree (1 = a plain ``nn.Embedding``).
+        weight_attr: parameter attribute (initialiser).
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, degree=1, weight_attr=None):
+        super().__init__()
+        _check_degree(degree)
+        self.degree, self.num_embeddings = degree, num_embeddings
+        self.per_partition = divide_padded(num_embeddings, degree)
+        self.vocab_start = _TP_RANK * self.per_partition if degree > 1 else 0
+        self.weight = self.create_parameter([self.per_partition, embedding_dim], attr=weight_attr)
+        self.weight.is_distributed = degree > 1
+
+    def forward(self, ids):
+        if self.degree == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_partition)
+        local = paddle.where(outside, paddle.zeros_like(local), local)
+        out = F.embedding(local, self.weight)
+        out = out * (~outside).astype(out.dtype).unsqueeze(-1)
+        return reduce_from_tensor_parallel_region(out)
+
+
+# ---- vocab-parallel cross entropy ----------------------------------------------------------------
+class _VocabParallelCrossEntropy(PyLayer):
+    """Per-position cross entropy of logits split on the vocab dim (Megatron's cross_entropy.py).
+
+    All-reduces: MAX of the logits, SUM of the target logit, SUM of the exp-sum. Positions whose label
+    is ``ignore_index`` give 0 loss and 0 gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, vocab_size_valid, group, ignore_index):
+        # logits: (N, V_local) float32, labels: (N,) int64 global ids
+        logits_max = logits.max(axis=-1, keepdim=True)
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max
+        per_partition = logits.shape[-1]
+        local = labels - vocab_start
+        outside = (local < 0) | (local >= per_partition)
+        safe_local = paddle.where(outside, paddle.zeros_like(local), local)
+        target = paddle.take_along_axis(shifted, safe_local.unsqueeze(-1), axis=-1).squeeze(-1)
+        target = target * (~outside).astype(target.dtype)
+        dist.all_reduce(target, group=group)
+        exp = shifted.exp()
+        if vocab_size_valid < per_partition:  # padded rows on this rank never win probability mass
+            col = paddle.arange(per_partition).unsqueeze(0)
+            exp = exp * (col < vocab_size_valid).astype(exp.dtype)
+        sum_exp = exp.sum(axis=-1)
+        dist.all_reduce(sum_exp, group=group)
+        loss = sum_exp.log() - target
+        ignored = labels == ignore_index
+        loss = loss * (~ignored).astype(loss.dtype)
+        softmax = exp / sum_exp.unsqueeze(-1)
+        ctx.save_for_backward(softmax, safe_local, outside, ignored)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, safe_local, outside, ignored = ctx.saved_tensor()
+        one_hot = F.one_hot(safe_local, softmax.shape[-1]) * (~outside).astype(softmax.dtype).unsqueeze(-1)
+        keep = ((~ignored).astype(softmax.dtype) * grad_loss).unsqueeze(-1)
+        return (softmax - one_hot) * keep
+
+
+def vocab_parallel_cross_entropy(logits, labels, vocab_size, ignore_index=-100):
+    """Per-position loss (N,) of ``logits`` (N, V_local) against ``labels`` (N,); 0 where ignored.
+
+    At degree 1 ``logits`` holds the whole vocabulary and this is plain cross entropy.
+    """
+    if _TP_DEGREE == 1:
+        safe = paddle.where(labels == ignore_index, paddle.zeros_like(labels), labels)
+        loss = F.cross_entropy(logits, safe.unsqueeze(-1), reduction="none").squeeze(-1)
+        return loss * (labels != ignore_index).astype(loss.dtype)
+    per_partition = logits.shape[-1]
+    vocab_start = _TP_RANK * per_partition
+    valid = max(0, min(per_partition, vocab_size - vocab_start))
+    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, valid, _TP_GROUP, ignore_index)
+
+
+def gather_vocab_logits(logits, vocab_size):
+    """Full-vocabulary logits from vocab-parallel ones (padding rows dropped)."""
+    if _TP_DEGREE == 1:
+        return logits
+    return gather_from_tensor_parallel_region(logits)[..., :vocab_size]
+
+
+# ---- dropout RNG ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def tensor_parallel_rng():
+    """Dropout inside the TP region draws from a per-rank stream; outside it, the shared stream."""
+    if _TP_DEGREE == 1:
+        yield
+        return
+    from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
+
+    with get_rng_state_tracker().rng_state():
+        yield
+
+
+# ---- checkpoint split / merge --------------------------------------------------------------------
+# How each parameter is split: "column" (output dim, Paddle axis 1 of a weight / 0 of a bias),
+# "row" (input dim, axis 0 of a weight), "vocab" (axis 0, padded to a multiple of the degree), None.
+def split_axis(kind: Optional[str], ndim: int) -> Optional[int]:
+    if kind is None:
+        return None
+    if kind == "column":
+        return 1 if ndim == 2 else 0
+    if kind in ("row", "vocab"):
+        return 0
+    raise ValueError(kind)
+
+
+def shard_array(array, kind: Optional[str], degree: int, rank: int):
+    """This rank's shard of a full numpy array."""
+    import numpy as np
+
+    axis = split_axis(kind, array.ndim)
+    if axis is None or degree == 1:
+        return array
+    size = array.shape[axis]
+    per = divide_padded(size, degree) if kind == "vocab" else size // degree
+    if kind == "vocab" and per * degree != size:
+        pad = [(0, 0)] * array.ndim
+        pad[axis] = (0, per * degree - size)
+        array = np.pad(array, pad)
+    return np.take(array, np.arange(rank * per, (rank + 1) * per), axis=axis)
+
+
+def merge_arrays(shards, kind: Optional[str], full_size: Optional[int] = None):
+    """The full numpy array from every rank's shard (vocab padding trimmed to ``full_size``)."""
+    import numpy as np
+
+    axis = split_axis(kind, shards[0].ndim)
+    if axis is None:
+        return shards[0]
+    merged = np.concatenate(shards, axis=axis)
+    if kind == "vocab" and full_size is not None:
+        merged = np.take(merged, np.arange(full_size), axis=axis)
+    return merged
