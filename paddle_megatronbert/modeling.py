@@ -31,6 +31,7 @@ from .parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tensor_parallel_region,
     gather_vocab_logits,
     get_tensor_parallel_rank,
     merge_arrays,
@@ -114,9 +115,10 @@ class MegatronBertSelfAttention(nn.Layer):
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads // tp  # heads on this rank
         self.head_dim = config.head_dim
-        self.query = ColumnParallelLinear(hidden, hidden, degree=tp)
-        self.key = ColumnParallelLinear(hidden, hidden, degree=tp)
-        self.value = ColumnParallelLinear(hidden, hidden, degree=tp)
+        # Q, K, V share one copy-to-region so their input gradient is all-reduced once (Megatron's fused QKV).
+        self.query = ColumnParallelLinear(hidden, hidden, degree=tp, reduce_input_grad=False)
+        self.key = ColumnParallelLinear(hidden, hidden, degree=tp, reduce_input_grad=False)
+        self.value = ColumnParallelLinear(hidden, hidden, degree=tp, reduce_input_grad=False)
         self.dropout_p = config.attention_probs_dropout_prob
 
     def _heads(self, x):
@@ -124,6 +126,7 @@ class MegatronBertSelfAttention(nn.Layer):
         return x.reshape([batch, seq, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])  # (B, nh, S, hd)
 
     def forward(self, hidden_states, additive_mask):
+        hidden_states = copy_to_tensor_parallel_region(hidden_states)
         query = self._heads(self.query(hidden_states))
         key = self._heads(self.key(hidden_states))
         value = self._heads(self.value(hidden_states))
@@ -358,6 +361,10 @@ class MegatronBertPretrainedModel(nn.Layer):
         ``convert_from_torch=True`` reads a PyTorch HF checkpoint directory instead.
         """
         convert_from_torch = config_overrides.pop("convert_from_torch", False)
+        if config is None:  # the TP degree belongs to this run (its process group), not to the checkpoint
+            from .parallel import get_tensor_parallel_degree
+
+            config_overrides.setdefault("tensor_parallel_degree", get_tensor_parallel_degree())
         if convert_from_torch:
             from .convert import load_torch_checkpoint
 
@@ -404,17 +411,20 @@ class MegatronBertPretrainedModel(nn.Layer):
 
         At TP>1, ``merge_tensor_parallel=True`` gathers every shard and rank 0 writes one full
         ``model_state.pdparams``; ``False`` makes each rank write ``model_state.tp{rank:02d}.pdparams``.
-        Files are written under a temporary name and renamed, so a crash leaves no half-written file.
+        At TP>1 every rank of the TP group must call it; it returns when the files are complete. Only the
+        first data-parallel replica writes. Files are written under a temporary name and renamed, so a
+        crash leaves no half-written file.
         """
-        from .parallel import get_tensor_parallel_degree
+        from .parallel import get_replica_rank, get_tensor_parallel_degree, get_tensor_parallel_group
 
         degree = self.config.tensor_parallel_degree
         rank = get_tensor_parallel_rank() if degree > 1 else 0
+        if degree > 1 and merge_tensor_parallel:
+            state = self.gather_full_state_dict()  # a collective: before any rank returns
+        if get_replica_rank() != 0:
+            return
         os.makedirs(save_directory, exist_ok=True)
         if degree > 1 and merge_tensor_parallel:
-            state = self.gather_full_state_dict()
-            if rank != 0:
-                return
             filename = WEIGHTS_NAME
         elif degree > 1:
             state, filename = self.full_state_dict(), f"model_state.tp{rank:02d}.pdparams"
@@ -428,7 +438,13 @@ class MegatronBertPretrainedModel(nn.Layer):
                 config_dict["tensor_parallel_degree"] = 1
             config = MegatronBertConfig.from_dict(config_dict)
             _atomic_write(os.path.join(save_directory, "config.json"), config.to_json_string().encode("utf-8"))
-        _atomic_paddle_save(state, os.path.join(save_directory, filename))
+            _remove_stale_weights(save_directory, keep_shards=degree if filename != WEIGHTS_NAME else 0)
+        if rank == 0 or not merge_tensor_parallel:
+            _atomic_paddle_save(state, os.path.join(save_directory, filename))
+        if degree > 1:  # the TP peers may read the checkpoint next
+            import paddle.distributed as dist
+
+            dist.barrier(group=get_tensor_parallel_group())
 
     def gather_full_state_dict(self) -> Dict[str, np.ndarray]:
         """Every parameter as its full tensor, gathered from the tensor-parallel ranks."""
@@ -450,6 +466,15 @@ class MegatronBertPretrainedModel(nn.Layer):
             dist.all_gather(pieces, paddle.to_tensor(value), group=get_tensor_parallel_group())
             full[name] = merge_arrays([p.numpy() for p in pieces], kind, self.config.vocab_size)
         return full
+
+
+def _remove_stale_weights(directory: str, keep_shards: int) -> None:
+    """Delete weight files of another layout left by an earlier save (``load_state_file`` would read them):
+    with ``keep_shards == 0`` every ``model_state.tpNN`` shard, else the merged file and shards >= keep_shards."""
+    for name in os.listdir(directory):
+        match = re.fullmatch(r"model_state\.tp(\d+)\.pdparams", name)
+        if (match and int(match.group(1)) >= keep_shards) or (keep_shards and name == WEIGHTS_NAME):
+            os.remove(os.path.join(directory, name))
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -478,8 +503,12 @@ def load_state_file(directory: str) -> Dict[str, np.ndarray]:
         return _load_pdparams(single)
     if not shards:
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (nor model_state.tpNN.pdparams shards)")
-    parts = [_load_pdparams(os.path.join(directory, f)) for f in shards]
     config = MegatronBertConfig.from_pretrained(directory)
+    expected = [f"model_state.tp{r:02d}.pdparams" for r in range(config.tensor_parallel_degree)]
+    if shards != expected:
+        raise ValueError(f"{directory}: config.json says tensor_parallel_degree {config.tensor_parallel_degree}, "
+                         f"so the shards {expected} are expected, found {shards}")
+    parts = [_load_pdparams(os.path.join(directory, f)) for f in shards]
     merged = {}
     for name in parts[0]:
         merged[name] = merge_arrays([p[name] for p in parts], tensor_parallel_split_kind(name), config.vocab_size)
@@ -626,8 +655,6 @@ class MegatronBertLMPredictionHead(nn.Layer):
         return self._word_embeddings[0].weight if self.tied else self.decoder_weight
 
     def forward(self, hidden_states):
-        from .parallel import copy_to_tensor_parallel_region
-
         hidden_states = copy_to_tensor_parallel_region(self.transform(hidden_states))
         return paddle.matmul(hidden_states, self.decoder, transpose_y=True) + self.bias
 

@@ -24,12 +24,17 @@ from paddle.autograd import PyLayer
 _TP_GROUP = None  # paddle.distributed group of this rank's tensor-parallel peers
 _TP_RANK = 0
 _TP_DEGREE = 1
+_REPLICA_RANK = 0  # which copy of the (tensor-parallel) model this process holds among dp x sharding copies
 
 
-def set_tensor_parallel_group(group, rank: int, degree: int) -> None:
-    """Register the tensor-parallel group (called once by :func:`distributed.init_distributed`)."""
-    global _TP_GROUP, _TP_RANK, _TP_DEGREE
-    _TP_GROUP, _TP_RANK, _TP_DEGREE = group, rank, degree
+def set_tensor_parallel_group(group, rank: int, degree: int, replica_rank: int = 0) -> None:
+    """Register the tensor-parallel group (called once by :func:`distributed.init_distributed`).
+
+    ``replica_rank`` numbers the data-parallel (and sharding) copies of the model; only copy 0 writes
+    checkpoints, so dp ranks do not write the same file at once.
+    """
+    global _TP_GROUP, _TP_RANK, _TP_DEGREE, _REPLICA_RANK
+    _TP_GROUP, _TP_RANK, _TP_DEGREE, _REPLICA_RANK = group, rank, degree, replica_rank
 
 
 def get_tensor_parallel_group():
@@ -42,6 +47,10 @@ def get_tensor_parallel_rank() -> int:
 
 def get_tensor_parallel_degree() -> int:
     return _TP_DEGREE
+
+
+def get_replica_rank() -> int:
+    return _REPLICA_RANK
 
 
 def _check_degree(degree: int) -> None:
@@ -142,21 +151,26 @@ class ColumnParallelLinear(nn.Layer):
         degree: tensor-parallel degree (1 = a plain ``nn.Linear``).
         gather_output: all-gather the output slices into the full ``y``. Megatron keeps it False for
             QKV and h->4h, whose consumers work per head / per column.
+        reduce_input_grad: all-reduce the gradient of ``x`` over the ranks (``copy_to_tensor_parallel_region``).
+            False when the caller has already passed ``x`` through that copy once for several layers that
+            share it (Q, K and V): their input gradients then add up locally and are all-reduced once,
+            as with Megatron's fused QKV.
         weight_attr, bias_attr: Paddle parameter attributes (initialisers).
     """
 
-    def __init__(self, in_features, out_features, degree=1, gather_output=False, weight_attr=None, bias_attr=None):
+    def __init__(self, in_features, out_features, degree=1, gather_output=False, reduce_input_grad=True,
+                 weight_attr=None, bias_attr=None):
         super().__init__()
         _check_degree(degree)
         if out_features % degree != 0:
             raise ValueError(f"output size {out_features} is not divisible by tensor_parallel_degree {degree}")
-        self.degree, self.gather_output = degree, gather_output
+        self.degree, self.gather_output, self.reduce_input_grad = degree, gather_output, reduce_input_grad
         self.weight = self.create_parameter([in_features, out_features // degree], attr=weight_attr)
         self.bias = self.create_parameter([out_features // degree], attr=bias_attr, is_bias=True)
         self.weight.is_distributed = self.bias.is_distributed = degree > 1
 
     def forward(self, x):
-        x = copy_to_tensor_parallel_region(x) if self.degree > 1 else x
+        x = copy_to_tensor_parallel_region(x) if self.degree > 1 and self.reduce_input_grad else x
         y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_parallel_region(y) if self.degree > 1 and self.gather_output else y
 
@@ -260,7 +274,7 @@ class _VocabParallelCrossEntropy(PyLayer):
         softmax, safe_local, outside, ignored = ctx.saved_tensor()
         one_hot = F.one_hot(safe_local, softmax.shape[-1]) * (~outside).astype(softmax.dtype).unsqueeze(-1)
         keep = ((~ignored).astype(softmax.dtype) * grad_loss).unsqueeze(-1)
-        return (softmax - one_hot) * keep
+        return (softmax - one_hot) * keep, None  # no gradient for the labels
 
 
 def vocab_parallel_cross_entropy(logits, labels, vocab_size, ignore_index=-100):
@@ -286,6 +300,25 @@ def gather_vocab_logits(logits, vocab_size):
 
 
 # ---- dropout RNG ---------------------------------------------------------------------------------
+# Megatron's convention (tensor_parallel/random.py, model_parallel_cuda_manual_seed): the default stream
+# is seeded with ``seed`` on every rank, so dropout outside the TP region (embeddings, residual branches,
+# replicated activations) is the same on all tensor-parallel ranks; the stream used inside the region
+# (attention probabilities, which each rank holds for its own heads) is seeded ``seed + 2718 + tp_rank``.
+TENSOR_PARALLEL_SEED_OFFSET = 2718
+_TP_RNG_NAME = "model_parallel_rng"  # fleet's MODEL_PARALLEL_RNG: fleet's own parallel layers use it too
+
+
+def seed_tensor_parallel_rng(seed: int) -> None:
+    """Seed the shared stream with ``seed`` and this rank's tensor-parallel stream with
+    ``seed + 2718 + tp_rank`` (paddle's default generator and fleet's RNG state tracker)."""
+    from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
+
+    tracker = get_rng_state_tracker()
+    tracker.reset()
+    tracker.add(_TP_RNG_NAME, seed + TENSOR_PARALLEL_SEED_OFFSET + _TP_RANK)
+    paddle.seed(seed)
+
+
 @contextlib.contextmanager
 def tensor_parallel_rng():
     """Dropout inside the TP region draws from a per-rank stream; outside it, the shared stream."""
@@ -294,7 +327,11 @@ def tensor_parallel_rng():
         return
     from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
 
-    with get_rng_state_tracker().rng_state():
+    tracker = get_rng_state_tracker()
+    if _TP_RNG_NAME not in tracker.states_:
+        raise RuntimeError("the tensor-parallel dropout stream is not seeded: call "
+                           "paddle_megatronbert.distributed.init_distributed(..., seed=...) first")
+    with tracker.rng_state(_TP_RNG_NAME):
         yield
 
 

@@ -7,6 +7,8 @@ import json
 import os
 
 from paddlenlp.transformers import BertTokenizer
+from paddlenlp.transformers.bert.tokenizer import BasicTokenizer
+from paddlenlp.transformers.tokenizer_utils import _is_punctuation
 
 _VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
 VOCAB_FILES = {
@@ -14,6 +16,26 @@ VOCAB_FILES = {
     "megatronbert-cased": os.path.join(_VOCAB_DIR, "megatronbert-cased-vocab.txt"),
 }
 LOWER_CASE = {"megatronbert-uncased": True, "megatronbert-cased": False}
+
+
+class _GoogleBasicTokenizer(BasicTokenizer):
+    """PaddleNLP's BasicTokenizer also splits on Unicode symbols (``x²`` -> ``x ²``); Google's BERT, which the
+    checkpoints' vocab was built with (and HF), splits on punctuation only."""
+
+    def _run_split_on_punc(self, text, never_split=None):
+        if never_split is not None and text in never_split:
+            return [text]
+        words, start_new_word = [], True
+        for char in text:
+            if _is_punctuation(char):
+                words.append(char)
+                start_new_word = True
+            else:
+                if start_new_word:
+                    words.append("")
+                start_new_word = False
+                words[-1] += char
+        return words
 
 
 class MegatronBertTokenizer(BertTokenizer):
@@ -29,6 +51,15 @@ class MegatronBertTokenizer(BertTokenizer):
     pretrained_resource_files_map = {"vocab_file": dict(VOCAB_FILES)}
     pretrained_init_configuration = {name: {"do_lower_case": lower} for name, lower in LOWER_CASE.items()}
     max_model_input_sizes = {name: 512 for name in VOCAB_FILES}
+
+    def __init__(self, vocab_file, do_lower_case=True, **kwargs):
+        super().__init__(vocab_file, do_lower_case=do_lower_case, **kwargs)
+        if getattr(self, "basic_tokenizer", None) is not None:
+            basic = self.basic_tokenizer
+            self.basic_tokenizer = _GoogleBasicTokenizer(
+                do_lower_case=basic.do_lower_case, never_split=basic.never_split,
+                tokenize_chinese_chars=basic.tokenize_chinese_chars, strip_accents=basic.strip_accents,
+            )
 
     @classmethod
     def from_pretrained(cls, name_or_path, *args, **kwargs):

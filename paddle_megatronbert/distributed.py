@@ -1,0 +1,241 @@
+"""Process topology for tensor, data and sharded-optimizer parallelism, set up through fleet.
+
+A runner calls, in this order::
+
+    topo = init_distributed(tensor_parallel_degree=tp, sharding_degree=s, seed=42)  # before the model
+    model = MegatronBertForPreTraining(config)        # config.tensor_parallel_degree == topo.tp_degree
+    train_model = wrap_model(model, topo)              # forward/backward through this one
+    optimizer = wrap_optimizer(build_optimizer(model, ...), topo)
+
+and feeds every tensor-parallel rank of one replica the same batch: split the data by
+``topo.dataset_rank`` over ``topo.dataset_world_size`` (dp x sharding), never by the global rank.
+``model.save_pretrained`` is called on every rank (it gathers the shards over the TP group).
+
+The ranks are laid out as fleet lays them out (``dp, pp, sharding, sep, mp``: tensor-parallel peers are
+neighbouring ranks, so on a multi-GPU node they share the fast links).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from . import parallel
+
+MAX_SEED = 2**31 - 1 - parallel.TENSOR_PARALLEL_SEED_OFFSET - 1024  # room for seed + 2718 + tp_rank
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits in the dp x sharding x tp grid.
+
+    Args:
+        world_size: processes launched.
+        rank: this process' global rank.
+        tp_degree, tp_rank: tensor-parallel degree and this process' rank in its TP group.
+        dp_degree, dp_rank: data-parallel degree and rank.
+        sharding_degree, sharding_rank: ZeRO (optimizer-state sharding) degree and rank; sharding ranks
+            also take different data, like dp ranks.
+        tp_group, dp_group, sharding_group: ``paddle.distributed`` groups (None in a single process).
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    tp_degree: int = 1
+    tp_rank: int = 0
+    dp_degree: int = 1
+    dp_rank: int = 0
+    sharding_degree: int = 1
+    sharding_rank: int = 0
+    tp_group: Any = None
+    dp_group: Any = None
+    sharding_group: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the process that logs and writes run-level files."""
+        return self.rank == 0
+
+    @property
+    def dataset_rank(self) -> int:
+        """Which slice of the data this process reads (TP peers read the same slice)."""
+        return self.dp_rank * self.sharding_degree + self.sharding_rank
+
+    @property
+    def dataset_world_size(self) -> int:
+        """Number of distinct data slices: dp x sharding."""
+        return self.dp_degree * self.sharding_degree
+
+
+def _launched_world() -> tuple:
+    """(world size, rank) from the environment ``paddle.distributed.launch`` sets; (1, 0) otherwise."""
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1")), int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+
+
+def resolve_degrees(world_size: int, tensor_parallel_degree: int = 1, data_parallel_degree: Optional[int] = None,
+                    sharding_degree: int = 1) -> tuple:
+    """(dp, tp, sharding) with dp inferred when None; ValueError unless world_size == dp x tp x sharding."""
+    for name, value in (("tensor_parallel_degree", tensor_parallel_degree), ("sharding_degree", sharding_degree),
+                        ("data_parallel_degree", data_parallel_degree)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if data_parallel_degree is None:
+        if world_size % (tensor_parallel_degree * sharding_degree) != 0:
+            raise ValueError(
+                f"world size {world_size} (processes launched) is not divisible by tensor_parallel_degree "
+                f"{tensor_parallel_degree} x sharding_degree {sharding_degree}; launch a multiple of "
+                f"{tensor_parallel_degree * sharding_degree} processes"
+            )
+        data_parallel_degree = world_size // (tensor_parallel_degree * sharding_degree)
+    product = data_parallel_degree * tensor_parallel_degree * sharding_degree
+    if product != world_size:
+        raise ValueError(
+            f"world size {world_size} (processes launched) != data_parallel_degree {data_parallel_degree} x "
+            f"tensor_parallel_degree {tensor_parallel_degree} x sharding_degree {sharding_degree} = {product}"
+        )
+    return data_parallel_degree, tensor_parallel_degree, sharding_degree
+
+
+def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Optional[int] = None,
+                     sharding_degree: int = 1, seed: Optional[int] = None) -> Topology:
+    """Set up fleet's hybrid topology (pp = 1), register the TP group and seed the RNG streams.
+
+    The degrees are checked against the launched world size before any collective, so a bad combination
+    fails on every rank with the same ValueError instead of hanging. In a single process nothing is
+    initialised (no fleet), only the seeds. ``seed=None`` draws one seed on rank 0 and shares it, because
+    every rank must build the same initial weights (each TP rank keeps its slice of one full draw).
+    """
+    world_size, rank = _launched_world()
+    dp, tp, sharding = resolve_degrees(world_size, tensor_parallel_degree, data_parallel_degree, sharding_degree)
+    if seed is not None and not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+    if world_size == 1:
+        parallel.set_tensor_parallel_group(None, 0, 1)
+        _seed_all(random.randint(0, MAX_SEED) if seed is None else int(seed))
+        return Topology()
+
+    import paddle
+    import paddle.distributed as dist
+    from paddle.distributed import fleet
+
+    strategy = fleet.DistributedStrategy()
+    strategy.hybrid_configs = {"dp_degree": dp, "mp_degree": tp, "pp_degree": 1, "sharding_degree": sharding}
+    fleet.init(is_collective=True, strategy=strategy)
+    hcg = fleet.get_hybrid_communicate_group()
+    topo = Topology(
+        world_size=world_size,
+        rank=dist.get_rank(),
+        tp_degree=tp,
+        tp_rank=hcg.get_model_parallel_rank(),
+        dp_degree=dp,
+        dp_rank=hcg.get_data_parallel_rank(),
+        sharding_degree=sharding,
+        sharding_rank=hcg.get_sharding_parallel_rank(),
+        tp_group=hcg.get_model_parallel_group(),
+        dp_group=hcg.get_data_parallel_group(),
+        sharding_group=hcg.get_sharding_parallel_group(),
+    )
+    parallel.set_tensor_parallel_group(topo.tp_group if tp > 1 else None, topo.tp_rank, tp,
+                                       replica_rank=topo.dataset_rank)
+    if seed is None:
+        shared = paddle.to_tensor([random.randint(0, MAX_SEED) if topo.is_main else 0], dtype="int64")
+        dist.broadcast(shared, src=0)
+        seed = int(shared.item())
+    _seed_all(int(seed))
+    return topo
+
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    parallel.seed_tensor_parallel_rng(seed)
+
+
+def validate_tp_config(config, tensor_parallel_degree: int) -> None:
+    """ValueError (one line, every problem listed) unless ``config`` splits evenly over the TP ranks.
+
+    Call it before :func:`init_distributed` or before building the model: it needs no collective, so every
+    rank fails the same way. The vocabulary need not divide (the last rank's slice is padded).
+    """
+    tp = tensor_parallel_degree
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor_parallel_degree must be an integer >= 1, got {tp!r}")
+    problems = [
+        f"{name} ({getattr(config, name)}) is not divisible by tensor_parallel_degree ({tp})"
+        for name in ("num_attention_heads", "hidden_size", "intermediate_size")
+        if getattr(config, name) % tp != 0
+    ]
+    if config.tensor_parallel_degree != tp:
+        problems.append(f"config.tensor_parallel_degree is {config.tensor_parallel_degree}, the run uses {tp}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def wrap_model(model, topo: Topology):
+    """The module to run forward/backward through, with gradients synchronised over dp (and sharding).
+
+    - one process: ``model`` itself;
+    - tp = 1: ``fleet.distributed_model`` (``paddle.DataParallel`` over the dp group, or fleet's
+      ``ShardingParallel`` with ZeRO), which all-reduces gradients in the backward pass;
+    - tp > 1: ``model`` itself after broadcasting the replicated parameters from the first rank of each
+      group. fleet's ``TensorParallel`` wrapper is not used: it broadcasts every input over the TP group
+      with a device check that fails on CPU. The dp gradient all-reduce is then done by the optimizer of
+      :func:`wrap_optimizer` (fleet's HybridParallelOptimizer), so use both.
+
+    Keep a reference to the unwrapped ``model`` for ``save_pretrained`` (or use :func:`unwrap_model`).
+    """
+    if topo.world_size == 1:
+        return model
+    from paddle.distributed import fleet
+
+    if topo.tp_degree == 1:
+        return fleet.distributed_model(model)
+    from paddle.distributed.fleet.utils.hybrid_parallel_util import (
+        broadcast_dp_parameters,
+        broadcast_mp_parameters,
+        broadcast_sharding_parameters,
+    )
+
+    hcg = fleet.get_hybrid_communicate_group()
+    broadcast_mp_parameters(model, hcg, fuse_params=False)  # skips the is_distributed shards
+    if topo.sharding_degree > 1:
+        broadcast_sharding_parameters(model, hcg, fuse_params=False)
+    if topo.dp_degree > 1:
+        broadcast_dp_parameters(model, hcg, fuse_params=False)
+    return model
+
+
+def unwrap_model(model):
+    """The model inside a ``paddle.DataParallel`` / fleet wrapper (itself when not wrapped)."""
+    while hasattr(model, "_layers"):
+        model = model._layers
+    return model
+
+
+def wrap_optimizer(optimizer, topo: Topology, sharding_stage: int = 1):
+    """fleet's HybridParallelOptimizer around ``optimizer`` in a multi-process run.
+
+    It computes global-norm clipping over the TP shards counted once (parameters marked
+    ``is_distributed``), all-reduces dp gradients when tp > 1, and with ``sharding_degree > 1`` shards the
+    optimizer state over the sharding group (ZeRO stage 1, fleet's ``DygraphShardingOptimizer``).
+    Stages 2 and 3 (gradient / parameter sharding, ``group_sharded_parallel``) are refused: Paddle runs
+    them only on GPU/XPU, and they are not wired into this model's tensor-parallel layers.
+    """
+    if sharding_stage not in (1, 2, 3):
+        raise ValueError(f"sharding_stage must be 1, 2 or 3, got {sharding_stage}")
+    if sharding_stage > 1:
+        import paddle
+
+        where = "on CPU: Paddle's group_sharded_parallel runs only on GPU, XPU and custom devices" if (
+            paddle.get_device() == "cpu") else "here: this project wires only stage 1 into tensor parallelism"
+        raise ValueError(f"ZeRO sharding stage {sharding_stage} is not available {where}; use stage 1 "
+                         "(--sharding_degree N shards the optimizer state)")
+    if topo.world_size == 1:
+        return optimizer
+    from paddle.distributed import fleet
+
+    return fleet.distributed_optimizer(optimizer)
