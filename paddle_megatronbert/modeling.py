@@ -529,8 +529,9 @@ def _load_pdparams(path: str) -> Dict[str, np.ndarray]:
 def build_additive_mask(attention_mask, input_shape, dtype, causal: bool = False):
     """An additive mask broadcastable to (B, nh, S, S): 0 where attending, MASK_VALUE elsewhere.
 
-    ``attention_mask`` may be 2-D (B, S) or 3-D (B, S, S) with 1 = attend / 0 = masked (any dtype), or
-    4-D already additive (HF's extended mask, PaddleNLP's convention). ``None`` attends everywhere.
+    ``attention_mask`` may be 2-D (B, S) or 3-D (B, S, S) with 1 = attend / 0 = masked (any dtype) or additive
+    (a float mask with negative entries), or 4-D additive (HF's extended mask, PaddleNLP's convention).
+    ``None`` attends everywhere.
     """
     batch, seq = input_shape
     additive = None
@@ -538,9 +539,12 @@ def build_additive_mask(attention_mask, input_shape, dtype, causal: bool = False
         if attention_mask.ndim == 4:
             additive = attention_mask.astype(dtype)
         elif attention_mask.ndim in (2, 3):
-            keep = attention_mask.astype(dtype)
-            keep = keep.unsqueeze([1, 2]) if attention_mask.ndim == 2 else keep.unsqueeze(1)
-            additive = (1.0 - keep) * MASK_VALUE
+            mask = attention_mask.astype(dtype)
+            mask = mask.unsqueeze([1, 2]) if attention_mask.ndim == 2 else mask.unsqueeze(1)
+            # A float mask with negative entries is already additive (0 / -inf style); else 1 = attend.
+            already_additive = attention_mask.dtype in (paddle.float16, paddle.bfloat16, paddle.float32,
+                                                        paddle.float64) and bool((attention_mask < 0).any())
+            additive = mask if already_additive else (1.0 - mask) * MASK_VALUE
         else:
             raise ValueError(f"attention_mask must be 2-D, 3-D or 4-D, got shape {attention_mask.shape}")
     if causal:

@@ -198,6 +198,12 @@ def test_padding_does_not_change_unpadded_tokens():
     additive = paddle.to_tensor(((1 - mask) * -1e4).astype("float32")[:, None, None, :])
     four_d = model(paddle.to_tensor(padded_ids), additive, paddle.to_tensor(token_type_ids), return_dict=True)
     np.testing.assert_allclose(four_d.last_hidden_state.numpy(), padded.last_hidden_state.numpy(), atol=1e-6)
+    two_d_additive = paddle.to_tensor(((1 - mask) * -1e9).astype("float32"))
+    two_d = model(paddle.to_tensor(padded_ids), two_d_additive, paddle.to_tensor(token_type_ids), return_dict=True)
+    np.testing.assert_allclose(two_d.last_hidden_state.numpy(), padded.last_hidden_state.numpy(), atol=1e-6)
+    float_keep = model(paddle.to_tensor(padded_ids), paddle.to_tensor(mask.astype("float32")),
+                       paddle.to_tensor(token_type_ids), return_dict=True)
+    np.testing.assert_allclose(float_keep.last_hidden_state.numpy(), padded.last_hidden_state.numpy(), atol=1e-6)
 
 
 def test_mlm_loss_is_mean_over_labelled_positions_only():
