@@ -69,9 +69,9 @@ class Topology:
         return self.dp_degree * self.sharding_degree
 
 
-def _launched_world() -> tuple:
-    """(world size, rank) from the environment ``paddle.distributed.launch`` sets; (1, 0) otherwise."""
-    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1")), int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+def _launched_world_size() -> int:
+    """Processes launched, from the environment ``paddle.distributed.launch`` sets (1 without it)."""
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
 
 
 def resolve_degrees(world_size: int, tensor_parallel_degree: int = 1, data_parallel_degree: Optional[int] = None,
@@ -107,7 +107,7 @@ def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Opti
     initialised (no fleet), only the seeds. ``seed=None`` draws one seed on rank 0 and shares it, because
     every rank must build the same initial weights (each TP rank keeps its slice of one full draw).
     """
-    world_size, rank = _launched_world()
+    world_size = _launched_world_size()
     dp, tp, sharding = resolve_degrees(world_size, tensor_parallel_degree, data_parallel_degree, sharding_degree)
     if seed is not None and not 0 <= int(seed) <= MAX_SEED:
         raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
@@ -120,8 +120,21 @@ def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Opti
     import paddle.distributed as dist
     from paddle.distributed import fleet
 
+    # Measured with Paddle 3.3.1: gloo fails to connect strided groups (dp ranks {0, 2} of a dp x tp grid).
+    if paddle.get_device() == "cpu" and sum(degree > 1 for degree in (dp, tp, sharding)) > 1:
+        raise ValueError(
+            f"on CPU only one of data_parallel_degree ({dp}), tensor_parallel_degree ({tp}) and sharding_degree "
+            f"({sharding}) may exceed 1: Paddle's gloo backend cannot build the strided process groups of a "
+            "combined grid; combine them on GPUs (NCCL)"
+        )
     strategy = fleet.DistributedStrategy()
-    strategy.hybrid_configs = {"dp_degree": dp, "mp_degree": tp, "pp_degree": 1, "sharding_degree": sharding}
+    strategy.hybrid_configs = {
+        "dp_degree": dp, "mp_degree": tp, "pp_degree": 1, "sharding_degree": sharding,
+        # fleet's default re-broadcasts every LayerNorm/bias/embedding over the TP group after each step; the
+        # replicated parameters get identical gradients on every TP rank (tested), so, as in Megatron and
+        # PaddleNLP's default, they are not re-synchronised.
+        "mp_configs": {"sync_param": False},
+    }
     fleet.init(is_collective=True, strategy=strategy)
     hcg = fleet.get_hybrid_communicate_group()
     topo = Topology(

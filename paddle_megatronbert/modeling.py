@@ -121,19 +121,14 @@ class MegatronBertSelfAttention(nn.Layer):
         self.value = ColumnParallelLinear(hidden, hidden, degree=tp, reduce_input_grad=False)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def _heads(self, x):
-        batch, seq = x.shape[0], x.shape[1]
-        return x.reshape([batch, seq, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])  # (B, nh, S, hd)
-
     def forward(self, hidden_states, additive_mask):
         hidden_states = copy_to_tensor_parallel_region(hidden_states)
-        query = self._heads(self.query(hidden_states))
-        key = self._heads(self.key(hidden_states))
-        value = self._heads(self.value(hidden_states))
+        query = ops.linear_split_heads(self.query, hidden_states, self.num_heads)  # (B, nh, S, hd)
+        key = ops.linear_split_heads(self.key, hidden_states, self.num_heads)
+        value = ops.linear_split_heads(self.value, hidden_states, self.num_heads)
         with tensor_parallel_rng():
             context = ops.attention(query, key, value, additive_mask, self.dropout_p, self.training)
-        batch, seq = context.shape[0], context.shape[2]
-        return context.transpose([0, 2, 1, 3]).reshape([batch, seq, self.num_heads * self.head_dim])
+        return ops.merge_heads(context)  # (B, S, nh * hd)
 
 
 class MegatronBertSelfOutput(nn.Layer):
@@ -145,7 +140,7 @@ class MegatronBertSelfOutput(nn.Layer):
         self.dropout_p = config.hidden_dropout_prob
 
     def forward(self, hidden_states, residual):
-        return ops.dropout_add(self.dense(hidden_states), residual, self.dropout_p, self.training)
+        return ops.linear_dropout_add(self.dense, hidden_states, residual, self.dropout_p, self.training)
 
 
 class MegatronBertAttention(nn.Layer):
@@ -174,7 +169,7 @@ class MegatronBertIntermediate(nn.Layer):
         self.act = config.hidden_act
 
     def forward(self, hidden_states):
-        return ops.activation(self.dense(hidden_states), self.act)
+        return ops.linear_activation(self.dense, hidden_states, self.act)
 
 
 class MegatronBertOutput(nn.Layer):
@@ -188,7 +183,7 @@ class MegatronBertOutput(nn.Layer):
         self.dropout_p = config.hidden_dropout_prob
 
     def forward(self, hidden_states, residual):
-        return ops.dropout_add(self.dense(hidden_states), residual, self.dropout_p, self.training)
+        return ops.linear_dropout_add(self.dense, hidden_states, residual, self.dropout_p, self.training)
 
 
 class MegatronBertLayer(nn.Layer):
@@ -281,6 +276,10 @@ class MegatronBertPretrainedModel(nn.Layer):
         if not isinstance(config, MegatronBertConfig):
             raise TypeError(f"expected a MegatronBertConfig, got {type(config).__name__}")
         self.config = config
+        ops.use_fast_kernels(config.use_fast_kernels)  # the process-wide choice of op implementations
+        # init_weights draws from the generator as it stands here, before the layers' default initialisers
+        # consume it by amounts that depend on their (TP-sharded) shapes.
+        self._init_rng_state = paddle.get_rng_state()
 
     # Each rank draws the full tensor with the shared generator and keeps its shard, so a TP=N shard is
     # exactly the slice of the TP=1 weight under the same seed.
@@ -288,6 +287,7 @@ class MegatronBertPretrainedModel(nn.Layer):
         config = self.config
         degree = config.tensor_parallel_degree
         rank = get_tensor_parallel_rank() if degree > 1 else 0
+        paddle.set_rng_state(self._init_rng_state)
         with paddle.no_grad():
             for name, param in self.named_parameters():
                 kind = tensor_parallel_split_kind(name)
@@ -330,6 +330,7 @@ class MegatronBertPretrainedModel(nn.Layer):
         degree = self.config.tensor_parallel_degree
         rank = get_tensor_parallel_rank() if degree > 1 else 0
         own = self.state_dict()
+        state = _match_base_model_prefix(state, own, self.base_model_prefix + ".")
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and missing:
@@ -515,6 +516,18 @@ def load_state_file(directory: str) -> Dict[str, np.ndarray]:
     return merged
 
 
+def _match_base_model_prefix(state, own, prefix: str):
+    """A head's checkpoint (``bert.*``) loaded into the bare model drops the prefix; a bare model's
+    checkpoint loaded into a head gains it (as HF and PaddleNLP do)."""
+    model_has = any(k.startswith(prefix) for k in own)
+    state_has = any(k.startswith(prefix) for k in state)
+    if state_has and not model_has:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if model_has and not state_has:
+        return {(prefix + k if k.startswith(("embeddings.", "encoder.", "pooler.")) else k): v for k, v in state.items()}
+    return state
+
+
 def _load_pdparams(path: str) -> Dict[str, np.ndarray]:
     try:
         state = paddle.load(path, return_numpy=True)
@@ -522,7 +535,10 @@ def _load_pdparams(path: str) -> Dict[str, np.ndarray]:
         raise ValueError(f"cannot read {path} as a Paddle state dict ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return state
+    # bfloat16 tensors come back as their raw uint16 bits (numpy has no bfloat16); no parameter is uint16,
+    # so such arrays are widened to the float32 they encode.
+    return {k: (v.astype(np.uint32) << 16).view(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.uint16
+            else v for k, v in state.items()}
 
 
 # ---- the base model -------------------------------------------------------------------------------
@@ -632,7 +648,7 @@ class MegatronBertPredictionHeadTransform(nn.Layer):
         self.eps = config.layer_norm_eps
 
     def forward(self, hidden_states):
-        hidden_states = ops.activation(self.dense(hidden_states), self.act)
+        hidden_states = ops.linear_activation(self.dense, hidden_states, self.act)
         return ops.layer_norm(hidden_states, self.LayerNorm.weight, self.LayerNorm.bias, self.eps)
 
 
@@ -660,7 +676,7 @@ class MegatronBertLMPredictionHead(nn.Layer):
 
     def forward(self, hidden_states):
         hidden_states = copy_to_tensor_parallel_region(self.transform(hidden_states))
-        return paddle.matmul(hidden_states, self.decoder, transpose_y=True) + self.bias
+        return ops.bias_add(paddle.matmul(hidden_states, self.decoder, transpose_y=True), self.bias)
 
 
 def _gather_positions(sequence_output, positions):

@@ -1,30 +1,140 @@
 """The operations the model is built from, one function each.
 
-``modeling.py`` calls only these; each has a plain Paddle implementation here. Fast implementations
-(custom CPU kernels, fused GPU ops) are registered beside them and chosen in one place,
-:func:`use_fast_kernels`, so the plain path always exists and can be compared with the fast one.
+``modeling.py`` calls only these. Each has a plain Paddle implementation; where Paddle is slow, a fast one
+sits beside it and :func:`use_fast_kernels` (the one switch, set from ``config.use_fast_kernels`` when a
+model is built) decides which runs, so the plain path always exists and can be compared with the fast one.
+
+Fast paths (why each pays: ``docs/benchmarks.md`` and ``shared/notes/performance.md``):
+
+* CPU, float32: custom C++ kernels (``kernels/``) for LayerNorm, bias + GELU, masked softmax + dropout,
+  bias + dropout + residual, bias + head split and head merge, and a bias add whose gradient is a fast
+  column sum. Paddle 3.3's own CPU kernels for these are single-threaded and unvectorised, and its column
+  reductions (every bias gradient) are ~30x slower than a GEMV. Also ``FLAGS_use_stride_kernel=False``:
+  with strided views, whatever consumes a transposed view goes through a slow single-threaded copy.
+  Without a compiler the kernels are unavailable and the plain ops run (one warning line).
+  On AMD CPUs, ``MKL_DEBUG_CPU_TYPE=5`` so that Paddle's bundled MKL 2019 runs its AVX2 GEMMs.
+* GPU, float16/bfloat16: attention through ``F.scaled_dot_product_attention`` (flash attention).
+  UNTESTED here (no GPU on the development machines); fp32 GPU runs take the plain path.
+
+Linear layers are passed in whole (``linear_activation(layer, x, act)``): the fast path runs the layer's
+matmul, with its tensor-parallel communication, and fuses the bias into the next kernel, so the bias
+gradient comes out of that kernel. Tensor-parallel results are the same as the plain path's.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import paddle
+import paddle.nn as nn
 import paddle.nn.functional as F
 
 _FAST = {"enabled": False}
+_STRIDE_FLAG = "FLAGS_use_stride_kernel"
+_STRIDE_DEFAULT = {}  # the flag's value before fast paths changed it
 
 
 def use_fast_kernels(enabled: bool) -> bool:
-    """Turn the fast paths on or off for the whole process; returns whether they are on."""
+    """Turn the fast paths on or off for the whole process; returns whether they are on.
+
+    On a CPU device, turning them on also sets ``FLAGS_use_stride_kernel=False`` (process-wide: view ops
+    return copies; the model never writes through a view) and turning them off restores the flag.
+    The kernels themselves are built (once, cached) on first use, so GPU runs never build them.
+    """
     _FAST["enabled"] = bool(enabled)
+    if _FAST["enabled"] and paddle.get_device().startswith("cpu"):
+        _use_fast_mkl_path_on_amd()
+        if not _STRIDE_DEFAULT:
+            _STRIDE_DEFAULT[_STRIDE_FLAG] = paddle.get_flags([_STRIDE_FLAG])[_STRIDE_FLAG]
+        paddle.set_flags({_STRIDE_FLAG: False})
+    elif not _FAST["enabled"] and _STRIDE_DEFAULT:
+        paddle.set_flags(dict(_STRIDE_DEFAULT))
+        _STRIDE_DEFAULT.clear()
     return _FAST["enabled"]
+
+
+def _use_fast_mkl_path_on_amd() -> None:
+    """Paddle bundles MKL 2019, which runs its slow generic code path on AMD CPUs (sgemm 2-3x slower
+    than torch's newer MKL on the same cores); ``MKL_DEBUG_CPU_TYPE=5`` makes it take the AVX2 path.
+    MKL reads it at its first call, so it helps only when set before the first GEMM (model build time
+    is before). Intel CPUs are left alone (there it would downgrade AVX-512 to AVX2); a user's own
+    setting wins."""
+    if "MKL_DEBUG_CPU_TYPE" in os.environ:
+        return
+    try:
+        with open("/proc/cpuinfo") as f:
+            amd = any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return
+    if amd:
+        os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
 
 
 def fast_kernels_enabled() -> bool:
     return _FAST["enabled"]
 
 
+def _cpu_kernels(*tensors):
+    """The custom kernel library when the fast path applies to these tensors (CPU, float32), else None."""
+    if not _FAST["enabled"]:
+        return None
+    for t in tensors:
+        if t is None or t.dtype != paddle.float32 or not t.place.is_cpu_place():
+            return None
+    from .kernels import load_cpu_kernels
+
+    return load_cpu_kernels()
+
+
+def _dense(x):
+    """The kernels read raw memory: hand them a contiguous tensor (a no-op unless strided views are on)."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _dropout_seed(p: float, training: bool) -> int:
+    """A seed for a kernel's dropout mask, drawn from Paddle's generator (so ``paddle.seed`` and the
+    tensor-parallel RNG tracker govern it like ``F.dropout``); 0 when there is no dropout."""
+    if not training or p <= 0.0:
+        return 0
+    return int(paddle.randint(0, 2**31 - 1, shape=[1]))
+
+
+def _effective_p(p: float, training: bool) -> float:
+    return float(p) if training else 0.0
+
+
+# ---- linear layers without their bias (the bias goes into the next fused kernel) -------------------
+def _matmul_without_bias(layer, x):
+    """``layer(x)`` minus the bias, with the layer's tensor-parallel communication; None when the layer
+    is of a kind this does not know (the caller then runs the plain path).
+
+    Mirrors the forward of ``parallel.py``'s layers (keep the two in step): column-parallel copies its
+    input into the region (gradient all-reduce) unless told not to, row-parallel all-reduces its partial
+    products before the bias.
+    """
+    from .parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        copy_to_tensor_parallel_region,
+        reduce_from_tensor_parallel_region,
+    )
+
+    if isinstance(layer, ColumnParallelLinear):
+        if layer.degree > 1 and layer.gather_output:
+            return None
+        if layer.degree > 1 and getattr(layer, "reduce_input_grad", True):
+            x = copy_to_tensor_parallel_region(x)
+        return paddle.matmul(x, layer.weight)
+    if isinstance(layer, RowParallelLinear):
+        y = paddle.matmul(x, layer.weight)
+        return reduce_from_tensor_parallel_region(y) if layer.degree > 1 else y
+    if type(layer) is nn.Linear and layer.bias is not None:
+        return paddle.matmul(x, layer.weight)
+    return None
+
+
+# ---- activations ------------------------------------------------------------------------------------
 def activation(x, name: str):
     """The MLP / LM-head nonlinearity. ``gelu`` is the exact (erf) GELU; ``gelu_new``/``gelu_tanh``
     the tanh approximation that Megatron's fused bias-gelu and ``--openai-gelu`` compute."""
@@ -39,12 +149,25 @@ def activation(x, name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
+_GELU_APPROXIMATE = {"gelu": False, "gelu_new": True, "gelu_tanh": True}
+
+
+def linear_activation(layer, x, name: str):
+    """``activation(layer(x), name)``; fast: matmul, then one bias + GELU kernel (bias grad included)."""
+    kernels = _cpu_kernels(x, layer.weight) if name in _GELU_APPROXIMATE else None
+    if kernels is not None:
+        y = _matmul_without_bias(layer, x)
+        if y is not None:
+            return kernels.run("pmb_bias_gelu", _dense(y), layer.bias, _GELU_APPROXIMATE[name])[0]
+    return activation(layer(x), name)
+
+
+# ---- normalisation, residuals --------------------------------------------------------------------
 def layer_norm(x, weight, bias, eps: float):
+    kernels = _cpu_kernels(x, weight)
+    if kernels is not None:
+        return kernels.run("pmb_layer_norm", _dense(x), weight, bias, float(eps))[0]
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-
-
-def linear(x, weight, bias=None):
-    return F.linear(x, weight, bias)
 
 
 def dropout_add(x, residual, p: float, training: bool):
@@ -52,10 +175,74 @@ def dropout_add(x, residual, p: float, training: bool):
     return residual + F.dropout(x, p, training=training)
 
 
+def linear_dropout_add(layer, x, residual, p: float, training: bool):
+    """``residual + dropout(layer(x))``; fast: matmul, then one bias + dropout + residual kernel."""
+    kernels = _cpu_kernels(x, layer.weight, residual)
+    if kernels is not None:
+        y = _matmul_without_bias(layer, x)
+        if y is not None:
+            p = _effective_p(p, training)
+            return kernels.run("pmb_bias_dropout_add", _dense(y), layer.bias, _dense(residual), p,
+                               _dropout_seed(p, training))[0]
+    return dropout_add(layer(x), residual, p, training)
+
+
+def bias_add(x, bias):
+    """``x + bias`` over the last dim; fast: the bias gradient is a parallel column sum, not Paddle's
+    slow reduction (the LM decoder's bias: a [tokens, vocab] gradient)."""
+    kernels = _cpu_kernels(x, bias)
+    if kernels is not None:
+        return kernels.run("pmb_bias_add", _dense(x), bias)[0]
+    return x + bias
+
+
+def linear(x, weight, bias=None):
+    if bias is not None and _cpu_kernels(x, weight) is not None:
+        return bias_add(paddle.matmul(x, weight), bias)
+    return F.linear(x, weight, bias)
+
+
+# ---- attention ---------------------------------------------------------------------------------------
+def linear_split_heads(layer, x, num_heads: int):
+    """``layer(x)`` (B, S, nh * hd) as heads (B, nh, S, hd); fast: matmul, then one bias + transpose kernel."""
+    kernels = _cpu_kernels(x, layer.weight)
+    if kernels is not None:
+        y = _matmul_without_bias(layer, x)
+        if y is not None:
+            return kernels.run("pmb_bias_split_heads", _dense(y), layer.bias, int(num_heads))[0]
+    y = layer(x)
+    batch, seq = y.shape[0], y.shape[1]
+    return y.reshape([batch, seq, num_heads, y.shape[-1] // num_heads]).transpose([0, 2, 1, 3])
+
+
+def merge_heads(context):
+    """(B, nh, S, hd) -> (B, S, nh * hd)."""
+    kernels = _cpu_kernels(context)
+    if kernels is not None:
+        return kernels.run("pmb_merge_heads", _dense(context))[0]
+    batch, heads, seq, head_dim = context.shape
+    return context.transpose([0, 2, 1, 3]).reshape([batch, seq, heads * head_dim])
+
+
 def attention(query, key, value, additive_mask, dropout_p: float, training: bool):
     """Scaled dot-product attention over (B, nh, S, hd) tensors; ``additive_mask`` broadcasts to
     (B, nh, S, S) with 0 for kept and a large negative number for masked keys."""
-    scores = paddle.matmul(query, key, transpose_y=True) * (1.0 / math.sqrt(query.shape[-1]))  # (B, nh, S, S)
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    mask_ok = additive_mask is None or (additive_mask.ndim == 4 and additive_mask.dtype == query.dtype)
+    kernels = _cpu_kernels(query, key, value) if mask_ok else None
+    if kernels is not None:
+        scores = paddle.matmul(query, key, transpose_y=True)  # (B, nh, S, S), scaled inside the kernel
+        mask = additive_mask if additive_mask is not None else paddle.zeros([1, 1, 1, 1], dtype=scores.dtype)
+        p = _effective_p(dropout_p, training)
+        if p > 0.0:
+            probs = kernels.run("pmb_masked_softmax_dropout", scores, _dense(mask), scale, p,
+                                _dropout_seed(p, training))[0]
+        else:
+            probs = kernels.run("pmb_masked_softmax", scores, _dense(mask), scale)[0]
+        return paddle.matmul(probs, value)  # (B, nh, S, hd)
+    if _FAST["enabled"] and _flash_attention_applies(query, additive_mask):
+        return _gpu_flash_attention(query, key, value, additive_mask, dropout_p, training)
+    scores = paddle.matmul(query, key, transpose_y=True) * scale  # (B, nh, S, S)
     if additive_mask is not None:
         scores = scores + additive_mask
     probs = F.softmax(scores, axis=-1)
@@ -63,6 +250,24 @@ def attention(query, key, value, additive_mask, dropout_p: float, training: bool
     return paddle.matmul(probs, value)  # (B, nh, S, hd)
 
 
+def _flash_attention_applies(query, additive_mask) -> bool:
+    return query.place.is_gpu_place() and query.dtype in (paddle.float16, paddle.bfloat16) and (
+        additive_mask is None or additive_mask.ndim == 4)
+
+
+def _gpu_flash_attention(query, key, value, additive_mask, dropout_p, training):
+    """UNTESTED (no GPU on the development machines): Paddle's fused attention on GPU in fp16/bf16.
+    ``scaled_dot_product_attention`` takes (B, S, nh, hd) and an additive mask."""
+    def to_bsnh(t):
+        return t.transpose([0, 2, 1, 3])
+
+    mask = None if additive_mask is None else additive_mask.astype(query.dtype)
+    out = F.scaled_dot_product_attention(to_bsnh(query), to_bsnh(key), to_bsnh(value), attn_mask=mask,
+                                         dropout_p=dropout_p if training else 0.0, training=training)
+    return to_bsnh(out)  # back to (B, nh, S, hd)
+
+
+# ---- losses ------------------------------------------------------------------------------------------
 def masked_mean_cross_entropy(logits, labels, ignore_index: int = -100):
     """Mean cross entropy over the positions whose label is not ``ignore_index``.
 

@@ -1,0 +1,404 @@
+"""Time one training step (forward + backward + AdamW) of MegatronBERT pretraining, side by side.
+
+Contestants, on identical shapes and batches (MLM on ``--masked`` positions per sequence + NSP):
+  ours-fast   paddle_megatronbert.MegatronBertForPreTraining, fast paths on (MLM head on the masked rows)
+  ours-plain  the same model, fast paths off (plain Paddle ops; MLM head still on the masked rows)
+  paddlenlp   paddlenlp.transformers.MegatronBertForPreTraining as its users run it: default Paddle flags,
+              full logits, then the masked rows gathered for the loss
+  torch       HF transformers MegatronBertForPreTraining, eager fp32, as its users run it (labels -> loss)
+  torch-bf16  the same under torch.autocast(bfloat16), for reference
+  torch-masked  HF's modules with the MLM head on the masked rows only (not in the default set)
+
+Each contestant lives in its own worker process: flags (Paddle's stride kernels), thread pools (Paddle's
+Intel OpenMP vs torch's GNU OpenMP) and peak memory stay separate. The driver asks the workers for one
+step in turn (the order rotates each round), so a busy moment on the machine hits every contestant;
+warm-up steps are excluded and the median of ``--steps`` is reported. Prints a table and one JSON line.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_train.py --config base --batch_size 8 --seq_len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=512, max_position_embeddings=512),
+    "base": dict(vocab_size=30592, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512),
+    "345m": dict(vocab_size=30592, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 intermediate_size=4096, max_position_embeddings=512),
+}
+COMMON = dict(type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-5,
+              hidden_act="gelu")
+TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16", "torch-masked")
+DEFAULT_TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16")
+
+
+# ---- batches and FLOPs (shared with bench_infer.py) ------------------------------------------------
+def make_pretraining_batch(config, batch, seq, masked, seed=0):
+    """Numpy arrays of one pretraining batch: no padding (every contestant sees the same work)."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    input_ids = rng.randint(1, config["vocab_size"], size=(batch, seq)).astype("int64")
+    token_type_ids = np.zeros((batch, seq), dtype="int64")
+    token_type_ids[:, seq // 2:] = 1
+    positions = np.stack([np.sort(rng.choice(seq, masked, replace=False)) for _ in range(batch)]).astype("int64")
+    mlm_labels = rng.randint(1, config["vocab_size"], size=(batch, masked)).astype("int64")
+    full_labels = np.full((batch, seq), -100, dtype="int64")
+    np.put_along_axis(full_labels, positions, mlm_labels, axis=1)
+    return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=np.ones((batch, seq), "int64"),
+                masked_positions=positions, mlm_labels=mlm_labels, full_labels=full_labels,
+                nsp_labels=rng.randint(0, 2, size=(batch,)).astype("int64"))
+
+
+def encoder_flops(config, batch, seq):
+    """Forward FLOPs of the encoder (GEMMs and attention matmuls; element-wise work left out)."""
+    h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    tokens = batch * seq
+    per_layer = 2 * tokens * (4 * h * h + 2 * h * f) + 2 * 2 * batch * seq * seq * h
+    return layers * per_layer
+
+
+def pretraining_flops(config, batch, seq, lm_rows):
+    """FLOPs of one training step (forward x 3) with the LM head evaluated on ``lm_rows`` rows."""
+    h, v = config["hidden_size"], config["vocab_size"]
+    forward = encoder_flops(config, batch, seq) + 2 * lm_rows * (h * h + h * v) + 2 * batch * h * h
+    return 3 * forward
+
+
+# ---- workers --------------------------------------------------------------------------------------
+def peak_memory_mb(device):
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device == "gpu":
+        out["gpu_max_allocated_mb"] = _gpu_max_allocated() / 2**20
+    return out
+
+
+_GPU_MAX_ALLOCATED = None
+
+
+def _gpu_max_allocated():
+    return _GPU_MAX_ALLOCATED() if _GPU_MAX_ALLOCATED else 0
+
+
+def _paddle_setup(spec):
+    global _GPU_MAX_ALLOCATED
+    import paddle
+
+    paddle.set_device("gpu" if spec["device"] == "gpu" else "cpu")
+    if spec["device"] == "gpu":
+        _GPU_MAX_ALLOCATED = paddle.device.cuda.max_memory_allocated
+    paddle.seed(spec["seed"])
+    return paddle
+
+
+def _paddle_amp(paddle, spec):
+    import contextlib
+
+    if spec["amp"] == "none":
+        return contextlib.nullcontext()
+    return paddle.amp.auto_cast(enable=True, dtype="bfloat16" if spec["amp"] == "bf16" else "float16")
+
+
+def _torch_setup(spec):
+    global _GPU_MAX_ALLOCATED
+    import torch
+
+    torch.manual_seed(spec["seed"])
+    torch.set_num_threads(spec["threads"])
+    device = "cuda" if spec["device"] == "gpu" else "cpu"
+    if device == "cuda":
+        _GPU_MAX_ALLOCATED = torch.cuda.max_memory_allocated
+    return torch, device
+
+
+def _torch_amp(torch, device, dtype_name):
+    import contextlib
+
+    if dtype_name == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=torch.bfloat16 if dtype_name == "bf16" else torch.float16)
+
+
+def build_train_step(name, spec):
+    """A function that runs one training step and returns its loss (a float: the host sync is timed)."""
+    config, batch = spec["model_config"], make_pretraining_batch(spec["model_config"], spec["batch_size"],
+                                                                spec["seq_len"], spec["masked"], spec["seed"])
+    if name in ("ours-fast", "ours-plain"):
+        paddle = _paddle_setup(spec)
+        sys.path.insert(0, REPO)
+        from paddle_megatronbert import MegatronBertConfig, MegatronBertForPreTraining
+
+        model = MegatronBertForPreTraining(MegatronBertConfig(**config, use_fast_kernels=name == "ours-fast"))
+        model.train()
+        opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
+        inputs = {k: paddle.to_tensor(v) for k, v in batch.items()}
+
+        def step():
+            with _paddle_amp(paddle, spec):
+                out = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
+                            labels=inputs["mlm_labels"], next_sentence_label=inputs["nsp_labels"],
+                            masked_lm_positions=inputs["masked_positions"], return_dict=True)
+            out.loss.backward()
+            opt.step()
+            opt.clear_grad()
+            return float(out.loss)
+
+        return step
+
+    if name == "paddlenlp":
+        paddle = _paddle_setup(spec)
+        import numpy as np
+        import paddle.nn.functional as F
+        from paddlenlp.transformers import MegatronBertConfig, MegatronBertForPreTraining
+
+        model = MegatronBertForPreTraining(MegatronBertConfig(**config))
+        model.train()
+        opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
+        inputs = {k: paddle.to_tensor(v) for k, v in batch.items()}
+        b, s = spec["batch_size"], spec["seq_len"]
+        flat_positions = paddle.to_tensor((batch["masked_positions"] + np.arange(b)[:, None] * s).reshape(-1))
+
+        def step():
+            # As PaddleNLP's BERT pretraining example does: logits over every position, then the masked rows.
+            # No attention_mask: PaddleNLP builds it from the [PAD] ids (a 2-D 0/1 mask would not be converted).
+            with _paddle_amp(paddle, spec):
+                scores, nsp = model(inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
+                rows = paddle.gather(scores.reshape([-1, scores.shape[-1]]), flat_positions)
+                mlm = F.cross_entropy(rows.astype("float32"), inputs["mlm_labels"].reshape([-1, 1]))
+                loss = mlm + F.cross_entropy(nsp.astype("float32"), inputs["nsp_labels"].reshape([-1, 1]))
+            loss.backward()
+            opt.step()
+            opt.clear_grad()
+            return float(loss)
+
+        return step
+
+    if name in ("torch", "torch-bf16", "torch-masked"):
+        torch, device = _torch_setup(spec)
+        import torch.nn.functional as TF
+        from transformers import MegatronBertConfig, MegatronBertForPreTraining
+
+        model = MegatronBertForPreTraining(MegatronBertConfig(**config)).to(device)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+        amp = "bf16" if name == "torch-bf16" else spec["amp"]
+        rows_index = torch.arange(spec["batch_size"], device=device).unsqueeze(-1)
+
+        def step():
+            with _torch_amp(torch, device, amp):
+                if name == "torch-masked":
+                    seq_out, pooled = model.bert(inputs["input_ids"], inputs["attention_mask"],
+                                                 inputs["token_type_ids"])[:2]
+                    rows = seq_out[rows_index, inputs["masked_positions"]]
+                    scores, nsp = model.cls(rows, pooled)
+                    loss = TF.cross_entropy(scores.float().flatten(0, 1), inputs["mlm_labels"].flatten()) + \
+                        TF.cross_entropy(nsp.float(), inputs["nsp_labels"])
+                else:
+                    loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
+                                 labels=inputs["full_labels"], next_sentence_label=inputs["nsp_labels"]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach().item()
+
+        return step
+    raise ValueError(f"unknown contestant {name!r}; choose from {TRAIN_MODELS}")
+
+
+def run_worker(name, spec, build):
+    """Serve ``step`` requests on stdin; answer each with one JSON line on stdout."""
+    step = build(name, spec)
+    reply = sys.stdout
+    sys.stdout = sys.stderr  # library prints must not corrupt the protocol
+    print(json.dumps({"ready": True}), file=reply, flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            start = time.perf_counter()
+            loss = step()
+            print(json.dumps({"time": time.perf_counter() - start, "loss": loss}), file=reply, flush=True)
+        elif command == "stats":
+            print(json.dumps(peak_memory_mb(spec["device"])), file=reply, flush=True)
+        elif command == "quit":
+            return
+        else:
+            raise ValueError(f"unknown command {command!r}")
+
+
+class Worker:
+    """One contestant in its own process (own flags, own thread pool, own peak memory)."""
+
+    def __init__(self, script, name, spec, threads):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=REPO + os.pathsep +
+                   os.environ.get("PYTHONPATH", ""))
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, script, "--worker", name, "--spec", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ask = None
+        self._read()  # ready
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.name} died (its stderr is above)")
+        return json.loads(line)
+
+    def request(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+def time_interleaved(script, names, spec, warmup, steps, gap_s, threads):
+    """Median step time per contestant, measured round-robin; warm-up excluded."""
+    workers = []
+    try:
+        for name in names:  # one at a time: building a model is not timed, but it loads the CPU
+            workers.append(Worker(script, name, spec, threads))
+            for _ in range(warmup):
+                workers[-1].request("step")
+        times = {w.name: [] for w in workers}
+        losses = {w.name: [] for w in workers}
+        for round_index in range(steps):
+            shift = round_index % len(workers)
+            for worker in workers[shift:] + workers[:shift]:
+                # Idle OpenMP threads of the previous worker spin for a while after its step: let them sleep.
+                time.sleep(gap_s)
+                answer = worker.request("step")
+                times[worker.name].append(answer["time"])
+                losses[worker.name].append(answer["loss"])
+        memory = {w.name: w.request("stats") for w in workers}
+    finally:
+        for worker in workers:
+            worker.close()
+    return times, losses, memory
+
+
+def machine_description(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"cpu": cpu, "cores": os.cpu_count(), "device": device, "load_avg_1min": round(load, 2)}
+
+
+def summarize(times, losses, memory, flops, tokens, reference="ours-fast"):
+    results = {}
+    for name, values in times.items():
+        median = statistics.median(values)
+        results[name] = {
+            "median_s": round(median, 4),
+            "min_s": round(min(values), 4),
+            "tokens_per_s": round(tokens / median, 1),
+            "tflops": round(flops[name] / median / 1e12, 4),
+            "first_loss": round(losses[name][0], 4),
+            **{k: round(v, 1) for k, v in memory[name].items()},
+        }
+    ratios = {}
+    if reference in results:
+        for name, row in results.items():
+            if name != reference:
+                ratios[f"{name}/{reference}"] = round(row["median_s"] / results[reference]["median_s"], 3)
+    return results, ratios
+
+
+def print_table(title, results, ratios):
+    print(title)
+    header = f"{'model':<13} {'median s':>9} {'min s':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'peak RSS MB':>11} {'loss':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, row in results.items():
+        print(f"{name:<13} {row['median_s']:>9.4f} {row['min_s']:>8.4f} {row['tokens_per_s']:>9.1f} "
+              f"{row['tflops']:>8.4f} {row['peak_rss_mb']:>11.0f} {row['first_loss']:>8.3f}")
+    for key, value in ratios.items():
+        print(f"speed-up of {key.split('/')[1]} over {key.split('/')[0]}: {value:.2f}x")
+
+
+def parse_args(argv=None, models=TRAIN_MODELS, default_models=DEFAULT_TRAIN_MODELS, defaults=None):
+    defaults = defaults or {}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="base")
+    parser.add_argument("--seq_len", type=int, default=defaults.get("seq_len", 128))
+    parser.add_argument("--batch_size", type=int, default=defaults.get("batch_size", 8))
+    parser.add_argument("--masked", type=int, default=20, help="masked positions per sequence")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                        help="mixed precision for every contestant (Paddle's CPU auto_cast runs fp32 silently)")
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                        help="--fast: only ours with fast paths; --no-fast: only ours without; default both")
+    parser.add_argument("--models", default=",".join(default_models),
+                        help=f"comma-separated contestants out of {','.join(models)}")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per contestant (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+    parser.add_argument("--gap", type=float, default=0.3, help="seconds between two timed steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {','.join(models)}")
+    if args.fast is True:
+        names = [n for n in names if n != "ours-plain"]
+    elif args.fast is False:
+        names = [n for n in names if n != "ours-fast"]
+    args.names = names
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker(args.worker, json.loads(args.spec), build_train_step)
+    config = {**CONFIGS[args.config], **COMMON}
+    spec = dict(model_config=config, batch_size=args.batch_size, seq_len=args.seq_len, masked=args.masked,
+                device=args.device, amp=args.amp, seed=args.seed, threads=args.threads)
+    times, losses, memory = time_interleaved(os.path.abspath(__file__), args.names, spec, args.warmup, args.steps,
+                                             args.gap, args.threads)
+    masked_rows = args.batch_size * args.masked
+    full_rows = args.batch_size * args.seq_len
+    lm_rows = {n: full_rows if n in ("paddlenlp", "torch", "torch-bf16") else masked_rows for n in args.names}
+    flops = {n: pretraining_flops(config, args.batch_size, args.seq_len, lm_rows[n]) for n in args.names}
+    reference = "ours-fast" if "ours-fast" in times else "ours-plain"
+    results, ratios = summarize(times, losses, memory, flops, args.batch_size * args.seq_len, reference)
+    print_table(f"training step, {args.config}, batch {args.batch_size} x seq {args.seq_len}, {args.masked} masked "
+                f"per sequence, {args.threads} threads, {args.device}, amp {args.amp}, median of {args.steps}",
+                results, ratios)
+    print(json.dumps({"bench": "train", "config": args.config, "batch_size": args.batch_size,
+                      "seq_len": args.seq_len, "masked": args.masked, "amp": args.amp, "steps": args.steps,
+                      "machine": machine_description(args.device), "results": results, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Writing a converted checkpoint as a Paddle model directory that ``MegatronBertFor*.from_pretrained`` loads.
+
+The directory is built under a temporary name beside DST and renamed at the end, so a failed conversion
+leaves no half-written DST. Tensors are cast to the output dtype as they arrive from the reader, so the
+converted model is the only full copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from ..modeling import WEIGHTS_NAME
+from .megatron import MegatronCheckpoint, zip_vocab_member
+from .torch_checkpoints import Checkpoint, open_checkpoint
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+REPORT_NAME = "conversion_report.json"
+# BERT's two WordPiece vocabularies, by their size before Megatron pads them.
+KNOWN_VOCABS = {28996: "cased", 30522: "uncased"}
+
+
+def cast_tensor(array: np.ndarray, dtype: str):
+    """A float array in the output dtype: numpy for float32/float16, a Paddle bfloat16 tensor for
+    bfloat16 (numpy has no bfloat16). Integer arrays are left alone."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    if dtype == "bfloat16":
+        import paddle
+
+        return paddle.to_tensor(np.asarray(array, dtype=np.float32)).astype("bfloat16")
+    return array.astype(dtype, copy=False)
+
+
+def save_state(state: Dict[str, Any], path: str) -> None:
+    """Write a ``model_state.pdparams`` that ``paddle.load`` reads, without a second copy of the model.
+
+    ``paddle.save`` pickles with protocol 4, where each array is first copied into a bytes object that the
+    pickler's memo keeps alive until the end: two copies of the model at the peak. Protocol 5 writes each
+    array's memory as it is (``PickleBuffer``), and ``paddle.load`` reads the file the same way.
+    Paddle tensors (bfloat16) go through ``paddle.save``, the only writer that records their dtype.
+    """
+    if any(not isinstance(v, np.ndarray) for v in state.values()):
+        import paddle
+
+        paddle.save(state, path)
+        return
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.Pickler(f, protocol=5).dump(state)
+
+
+def find_vocab_file(source: str, checkpoint: Checkpoint, workdir: str) -> Optional[str]:
+    """The vocab file shipped with a checkpoint: ``vocab.txt`` in (or beside) SRC, a vocab member of a zip,
+    or the file that a Megatron checkpoint's ``args.vocab_file`` names, if it exists here."""
+    candidates = []
+    if os.path.isdir(source):
+        candidates.append(os.path.join(source, "vocab.txt"))
+    elif source.endswith(".zip") and zipfile.is_zipfile(source):
+        member = zip_vocab_member(source)
+        if member:
+            with zipfile.ZipFile(source) as archive:
+                target = os.path.join(workdir, "vocab.txt")
+                with archive.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            candidates.append(target)
+    else:
+        candidates.append(os.path.join(os.path.dirname(os.path.abspath(source)), "vocab.txt"))
+    if isinstance(checkpoint, MegatronCheckpoint) and checkpoint.args.get("vocab_file"):
+        candidates.append(str(checkpoint.args["vocab_file"]))
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def count_vocab(path: str) -> int:
+    """Tokens in a WordPiece vocab file: one per line, trailing blank lines not counted."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return len(lines)
+
+
+def check_vocab_fits(vocab_path: str, vocab_tokens: int, embedding_rows: int, tensor_parallel_degree: int,
+                     allow_mismatch: bool) -> Optional[str]:
+    """An error for a vocab file the checkpoint was not trained with (``None`` when it fits).
+
+    Megatron pads the vocabulary to a multiple of 128 x TP, so the embedding has between 0 and 128*TP-1
+    rows more than the vocab file has lines; a cased vocab (28996) with an uncased checkpoint (30592 rows)
+    or the reverse falls outside that.
+    """
+    slack = 128 * max(tensor_parallel_degree, 1)
+    if 0 <= embedding_rows - vocab_tokens < slack:
+        return None
+    known = {n: f" ({kind} BERT)" for n, kind in KNOWN_VOCABS.items()}
+    padded = {-(-raw // 128) * 128: f" (BERT's {kind} {raw} padded)" for raw, kind in KNOWN_VOCABS.items()}
+    message = (f"vocab file {vocab_path} has {vocab_tokens} tokens{known.get(vocab_tokens, '')} but the checkpoint "
+               f"has {embedding_rows} embedding rows{padded.get(embedding_rows, '')}; padding adds fewer than "
+               f"{slack} rows, so this is not the vocabulary (or casing) the weights were trained with")
+    if allow_mismatch:
+        logger.warning("%s (kept: --allow_vocab_mismatch)", message)
+        return None
+    return message + "; pass --allow_vocab_mismatch to keep it anyway"
+
+
+def _write_tokenizer(target_dir: str, vocab_path: str, config) -> None:
+    shutil.copyfile(vocab_path, os.path.join(target_dir, "vocab.txt"))
+    tokenizer_config = {"do_lower_case": bool(config.do_lower_case), "model_max_length": config.max_position_embeddings,
+                        "tokenizer_class": "MegatronBertTokenizer"}
+    with open(os.path.join(target_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2)
+        f.write("\n")
+
+
+def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None, dtype: str = "float32",
+                       vocab_file: Optional[str] = None, overwrite: bool = False,
+                       num_attention_heads: Optional[int] = None, allow_vocab_mismatch: bool = False) -> Dict[str, Any]:
+    """Convert an HF or Megatron-LM checkpoint (see ``open_checkpoint``) into the Paddle model directory
+    ``destination``: ``config.json``, ``model_state.pdparams``, ``vocab.txt`` + ``tokenizer_config.json``
+    when a vocab is known, and ``conversion_report.json``. Returns the report."""
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+    if vocab_file is not None and not os.path.isfile(vocab_file):
+        raise FileNotFoundError(f"vocab file not found: {vocab_file}")
+    destination = os.path.abspath(destination)
+    if os.path.exists(destination) and not overwrite and (not os.path.isdir(destination) or os.listdir(destination)):
+        raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    base = os.path.basename(destination)
+    partial = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+    workdir = tempfile.mkdtemp(prefix=f".{base}.extract-", dir=parent)
+    try:
+        started = time.time()
+        checkpoint = open_checkpoint(source, kind, workdir, num_attention_heads)
+        config = checkpoint.config
+        config.dtype = dtype
+        tp = getattr(checkpoint, "tensor_parallel_degree", 1)
+
+        vocab_path = vocab_file or find_vocab_file(source, checkpoint, workdir)
+        vocab_tokens = count_vocab(vocab_path) if vocab_path else None
+        if vocab_path:
+            # HF configs do not say the TP degree the vocab was padded for: allow Megatron's largest usual (8).
+            padded_for = tp if isinstance(checkpoint, MegatronCheckpoint) else 8
+            error = check_vocab_fits(vocab_path, vocab_tokens, config.vocab_size, padded_for, allow_vocab_mismatch)
+            if error:
+                raise ValueError(error)
+
+        state, tensors = {}, []
+        for name, value, source_name in checkpoint.iter_tensors():
+            tensors.append({"source": source_name, "target": name, "shape": list(value.shape)})
+            state[name] = cast_tensor(value, dtype)
+            del value  # the float32 copy goes now; only the output dtype stays
+
+        save_state(state, os.path.join(partial, WEIGHTS_NAME))
+        del state
+        with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_string())
+        if vocab_path:
+            _write_tokenizer(partial, vocab_path, config)
+        else:
+            checkpoint.notes.append("no vocab file found: pass --vocab_file, or use "
+                                    "MegatronBertTokenizer.from_pretrained('megatronbert-cased'/'-uncased')")
+        report = _report(source, checkpoint, dtype, vocab_path, vocab_tokens, tensors, time.time() - started)
+        with open(os.path.join(partial, REPORT_NAME), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        _replace_directory(partial, destination)
+        return report
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _replace_directory(new: str, destination: str) -> None:
+    """Put the finished directory in place: a plain rename, or swap with an existing DST."""
+    if not os.path.exists(destination):
+        os.rename(new, destination)
+        return
+    old = destination + f".old-{os.getpid()}"
+    os.rename(destination, old)
+    os.rename(new, destination)
+    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def _report(source, checkpoint: Checkpoint, dtype, vocab_path, vocab_tokens, tensors: List[Dict], seconds) -> Dict:
+    config = checkpoint.config
+    is_megatron = isinstance(checkpoint, MegatronCheckpoint)
+    return {
+        "source": os.path.abspath(source),
+        "source_kind": "megatron" if is_megatron else "hf",
+        "checkpoint_version": checkpoint.checkpoint_version if is_megatron else None,
+        "naming": checkpoint.shards[0].generation if is_megatron else "hf",
+        "tensor_parallel_degree": checkpoint.tensor_parallel_degree if is_megatron else 1,
+        "read_with": sorted({s.load_path for s in checkpoint.shards}) if is_megatron else [checkpoint.load_path],
+        "dtype": dtype,
+        "vocab": {"embedding_rows": config.vocab_size, "vocab_file": vocab_path, "vocab_file_tokens": vocab_tokens,
+                  "do_lower_case": config.do_lower_case},
+        "activations": {"hidden_act": config.hidden_act, "lm_head_act": config.lm_head_act or config.hidden_act},
+        "layer_norm_eps": config.layer_norm_eps,
+        "notes": list(checkpoint.notes),
+        "seconds": round(seconds, 2),
+        "tensors": tensors,
+    }

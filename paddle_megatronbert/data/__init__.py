@@ -1,0 +1,1 @@
+"""Datasets and feature builders: pretraining shards, SQuAD and GLUE."""
