@@ -222,6 +222,7 @@ def main(argv=None) -> dict:
     from paddle_megatronbert.distributed import init_distributed, validate_tp_config, wrap_model, wrap_optimizer
     from paddle_megatronbert.finetune import resolve_device
     from paddle_megatronbert.training import (
+        LATEST_FILE,
         MetricsLogger,
         autocast,
         build_grad_scaler,
@@ -275,6 +276,9 @@ def main(argv=None) -> dict:
         checkpoint = args.resume
     elif args.resume == "auto" and not args.overwrite_output_dir and os.path.isdir(args.output_dir):
         checkpoint = latest_checkpoint(args.output_dir)
+    elif args.overwrite_output_dir and topo.is_main and os.path.isfile(os.path.join(args.output_dir, LATEST_FILE)):
+        # A new run: if it dies before its first save, a rerun must not resume the old one.
+        os.remove(os.path.join(args.output_dir, LATEST_FILE))
     step = 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, lr_scheduler, scaler, topo)
@@ -290,7 +294,7 @@ def main(argv=None) -> dict:
     flops_per_sequence = pretraining_flops_per_sequence(config, loader.seq_length, args.max_predictions_per_seq,
                                                         args.recompute)
     if topo.is_main:
-        params = sum(int(p.size) for p in model.parameters()) * topo.tp_degree  # approx. (replicated ones counted tp x)
+        params = sum(int(p.size) * (topo.tp_degree if p.is_distributed else 1) for p in model.parameters())
         print(f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, ~{params / 1e6:.1f}M parameters "
               f"({weights_source or 'from scratch: ' + config_source}); data: {len(files)} shard(s), "
               f"seq {loader.seq_length}, {loader.steps_per_epoch} batches of {args.batch_size} per epoch per rank; "
@@ -310,7 +314,7 @@ def main(argv=None) -> dict:
     started = time.time()
     window_start, window_steps = time.time(), 0
     window_sums = None  # loss, mlm_loss, nsp_loss summed over the window (tensors: no sync per step)
-    saved_at, last_record = (step if checkpoint is not None else None), {}
+    last_record = {}
     model.train()
     try:
         while step < last_step:
@@ -336,7 +340,11 @@ def main(argv=None) -> dict:
             step += 1
             window_steps += 1
 
-            if step % args.logging_steps == 0 or step == last_step:
+            exit_now = bool(args.exit_interval and step % args.exit_interval == 0)
+            if args.exit_duration_in_mins is not None:
+                exit_now |= (time.time() - started) / 60.0 >= args.exit_duration_in_mins
+            exit_now = _all_ranks_any(exit_now or stop.requested, topo)
+            if step % args.logging_steps == 0 or step == last_step or exit_now:
                 loss_value, mlm_value, nsp_value = _mean_over_ranks(window_sums, topo)
                 elapsed = max(time.time() - window_start, 1e-9)
                 sequences_per_sec = sequences_per_step * window_steps / elapsed
@@ -352,13 +360,8 @@ def main(argv=None) -> dict:
                 logger.log(step, {k: v for k, v in last_record.items() if v is not None})
                 window_start, window_steps, window_sums = time.time(), 0, None
 
-            exit_now = bool(args.exit_interval and step % args.exit_interval == 0)
-            if args.exit_duration_in_mins is not None:
-                exit_now |= (time.time() - started) / 60.0 >= args.exit_duration_in_mins
-            exit_now = _all_ranks_any(exit_now or stop.requested, topo)
             if step % args.save_steps == 0 or step == last_step or exit_now:
                 save()
-                saved_at = step
             if exit_now:
                 if topo.is_main:
                     print(f"exiting at step {step} as asked; rerun the same command to resume", flush=True)

@@ -338,18 +338,18 @@ def print_table(title, results, ratios):
     print("-" * len(header))
     for name, row in results.items():
         print(f"{name:<13} {row['median_s']:>9.4f} {row['min_s']:>8.4f} {row['tokens_per_s']:>9.1f} "
-              f"{row['tflops']:>8.4f} {row['peak_rss_mb']:>11.0f} {row['first_loss']:>8.3f}")
+              f"{row['tflops']:>8.4f} {row['peak_rss_mb']:>11.0f} {row.get('first_loss', float('nan')):>8.3f}")
     for key, value in ratios.items():
         print(f"speed-up of {key.split('/')[1]} over {key.split('/')[0]}: {value:.2f}x")
 
 
-def parse_args(argv=None, models=TRAIN_MODELS, default_models=DEFAULT_TRAIN_MODELS, defaults=None):
-    defaults = defaults or {}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(models=TRAIN_MODELS, default_models=DEFAULT_TRAIN_MODELS, seq_len=128, doc=__doc__, train=True):
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="base")
-    parser.add_argument("--seq_len", type=int, default=defaults.get("seq_len", 128))
-    parser.add_argument("--batch_size", type=int, default=defaults.get("batch_size", 8))
-    parser.add_argument("--masked", type=int, default=20, help="masked positions per sequence")
+    parser.add_argument("--seq_len", type=int, default=seq_len)
+    if train:
+        parser.add_argument("--batch_size", type=int, default=8)
+        parser.add_argument("--masked", type=int, default=20, help="masked positions per sequence")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="mixed precision for every contestant (Paddle's CPU auto_cast runs fp32 silently)")
@@ -364,6 +364,11 @@ def parse_args(argv=None, models=TRAIN_MODELS, default_models=DEFAULT_TRAIN_MODE
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None, parser=None, models=TRAIN_MODELS):
+    parser = parser or make_parser()
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in models]

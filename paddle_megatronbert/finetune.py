@@ -202,6 +202,19 @@ def _all_ranks_agree(flag: bool, topo) -> bool:
     return bool(int(value.item()))
 
 
+def _mean_over_ranks(value: float, topo) -> float:
+    """The mean of ``value`` over all ranks (tensor-parallel peers hold equal values, so this is the mean
+    over the data-parallel replicas): the logged loss is the whole global batch's."""
+    if topo.world_size == 1:
+        return value
+    import paddle
+    import paddle.distributed as dist
+
+    tensor = paddle.to_tensor([value], dtype="float64")
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / topo.world_size
+
+
 def _barrier(topo) -> None:
     if topo.world_size > 1:
         import paddle.distributed as dist
@@ -328,11 +341,12 @@ def finetune(
             lr_scheduler.step()
             optimizer.clear_grad()
             state.global_step += 1
-            if state.global_step % args.logging_steps == 0 and topo.is_main:
-                elapsed = time.time() - tic
-                print(f"global step {state.global_step}/{total_steps}, epoch: {epoch + 1}, batch: {batch_index + 1}, "
-                      f"loss: {np.mean(logged_losses):.6f}, lr: {optimizer.get_lr():.10f}, "
-                      f"speed: {args.logging_steps / elapsed:.4f} step/s", flush=True)
+            if state.global_step % args.logging_steps == 0:
+                loss_value = _mean_over_ranks(float(np.mean(logged_losses)), topo)
+                if topo.is_main:
+                    print(f"global step {state.global_step}/{total_steps}, epoch: {epoch + 1}, "
+                          f"batch: {batch_index + 1}, loss: {loss_value:.6f}, lr: {optimizer.get_lr():.10f}, "
+                          f"speed: {args.logging_steps / (time.time() - tic):.4f} step/s", flush=True)
                 logged_losses, tic = [], time.time()
             if state.global_step % args.save_steps == 0 or state.global_step == total_steps:
                 checkpoint_and_evaluate()

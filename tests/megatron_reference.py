@@ -14,7 +14,6 @@ import os
 from typing import Dict, List, Optional
 
 import numpy as np
-from scipy.special import erf
 
 HEAD_DIM = 8
 
@@ -67,9 +66,12 @@ def random_shards(rng: np.random.RandomState, hidden=32, heads=4, layers=2, ffn=
     return shards
 
 
-def megatron_model_dict(shard: Dict[str, np.ndarray], new_names: bool, t):
+def megatron_model_dict(shard: Dict[str, np.ndarray], new_names, t):
     """One rank's ``model`` entry, nested as Megatron-LM saves it: old names say ``transformer`` and
-    ``attention``, newer ones ``encoder`` and ``self_attention``. ``t`` makes each stored tensor."""
+    ``attention``, newer ones (``new_names``) ``encoder`` and ``self_attention``, and since 2024
+    (``new_names="norm"``) also ``input_norm``/``post_attention_norm``/``final_norm``. ``t`` makes each
+    stored tensor."""
+    ln = "norm" if new_names == "norm" else "layernorm"
     attention = "self_attention" if new_names else "attention"
     def put(tree, name, role):  # a role the test removed is simply not saved
         if role in shard:
@@ -79,13 +81,13 @@ def megatron_model_dict(shard: Dict[str, np.ndarray], new_names: bool, t):
     stack = {}
     layers = sorted({int(k.split(".")[0]) for k in shard if k[0].isdigit()})
     for i in layers:
-        for role, name in (("attention_ln", "input_layernorm"), ("qkv", f"{attention}.query_key_value"),
-                           ("attention_dense", f"{attention}.dense"), ("mlp_ln", "post_attention_layernorm"),
+        for role, name in (("attention_ln", f"input_{ln}"), ("qkv", f"{attention}.query_key_value"),
+                           ("attention_dense", f"{attention}.dense"), ("mlp_ln", f"post_attention_{ln}"),
                            ("fc1", "mlp.dense_h_to_4h"), ("fc2", "mlp.dense_4h_to_h")):
             for param in ("weight", "bias"):
                 put(stack, f"layers.{i}.{name}.{param}", f"{i}.{role}.{param}")
-    put(stack, "final_layernorm.weight", "final_ln.weight")
-    put(stack, "final_layernorm.bias", "final_ln.bias")
+    put(stack, f"final_{ln}.weight", "final_ln.weight")
+    put(stack, f"final_{ln}.bias", "final_ln.bias")
     embedding = {"word_embeddings": put({}, "weight", "word_embeddings"),
                  "position_embeddings": put({}, "weight", "position_embeddings")}
     if "token_type_embeddings" in shard:
@@ -103,17 +105,21 @@ def megatron_model_dict(shard: Dict[str, np.ndarray], new_names: bool, t):
 
 
 def save_megatron_checkpoint(directory: str, shards, checkpoint_version: Optional[float], new_names: bool,
-                             args: Optional[argparse.Namespace], iteration: str = "release") -> str:
+                             args: Optional[argparse.Namespace], iteration: str = "release",
+                             legacy_format: bool = False) -> str:
     """Write ``directory/{release|iter_XXXXXXX}/mp_rank_XX/model_optim_rng.pt`` as Megatron-LM does, with
-    optimizer and RNG state beside the model, and ``latest_checkpointed_iteration.txt``."""
+    optimizer and RNG state beside the model, and ``latest_checkpointed_iteration.txt``. ``legacy_format``
+    uses torch's pre-1.6 serialization (not a zip; what 2019-2020 checkpoints such as NGC's are)."""
     import torch
 
     sub = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
     for rank, shard in enumerate(shards):
         to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-        state = {"model": megatron_model_dict(shard, new_names, to_tensor), "iteration": 0 if iteration == "release" else int(iteration),
+        state = {"model": megatron_model_dict(shard, new_names, to_tensor),
+                 "iteration": 0 if iteration == "release" else int(iteration),
                  "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]},
-                 "rng_state": [{"random_rng_state": (3, (1, 2), None), "np_rng_state": np.random.RandomState(0).get_state(),
+                 "rng_state": [{"random_rng_state": (3, (1, 2), None),
+                                "np_rng_state": np.random.RandomState(0).get_state(),
                                 "torch_rng_state": torch.get_rng_state()}]}
         if checkpoint_version is not None:
             state["checkpoint_version"] = checkpoint_version
@@ -121,7 +127,7 @@ def save_megatron_checkpoint(directory: str, shards, checkpoint_version: Optiona
             state["args"] = args
         path = os.path.join(directory, sub, f"mp_rank_{rank:02d}", "model_optim_rng.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path)
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy_format)
     with open(os.path.join(directory, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(iteration))
     return directory
@@ -134,8 +140,11 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
+_erf = np.vectorize(math.erf)  # the test arrays are small; no scipy needed
+
+
 def gelu_erf(x):
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
 def gelu_tanh(x):  # Megatron's fused bias_gelu and openai_gelu
@@ -200,3 +209,36 @@ def megatron_forward(shards: List[Dict[str, np.ndarray]], version: float, heads:
     lm = layer_norm(lm, x0["lm_ln.weight"], x0["lm_ln.bias"], eps)
     logits = np.concatenate([lm @ s["word_embeddings"].T + s["lm_bias"] for s in shards], axis=-1)
     return logits, nsp
+
+
+def shards_from_checkpoint(directory: str) -> List[Dict[str, np.ndarray]]:
+    """The per-rank role dicts of a legacy-layout checkpoint on disk (newest names: ``encoder``,
+    ``self_attention``), read back with torch: the inverse of :func:`megatron_model_dict`."""
+    import torch
+
+    sub = os.path.join(directory, "release")
+    shards = []
+    for rank_dir in sorted(os.listdir(sub)):
+        model = torch.load(os.path.join(sub, rank_dir, "model_optim_rng.pt"), weights_only=False)["model"]
+        lm, head, n = model["language_model"], model["lm_head"], lambda t: t.float().numpy()  # noqa: E731
+        shard = {"word_embeddings": n(lm["embedding"]["word_embeddings"]["weight"]),
+                 "position_embeddings": n(lm["embedding"]["position_embeddings"]["weight"]),
+                 "token_type_embeddings": n(lm["embedding"]["tokentype_embeddings"]["weight"]),
+                 "lm_bias": n(head["bias"])}
+        for p in ("weight", "bias"):
+            shard[f"pooler.{p}"] = n(lm["pooler"][f"dense.{p}"])
+            shard[f"lm_dense.{p}"] = n(head[f"dense.{p}"])
+            shard[f"lm_ln.{p}"] = n(head[f"layernorm.{p}"])
+            shard[f"binary_head.{p}"] = n(model["binary_head"][p])
+        roles = {"input_layernorm": "attention_ln", "self_attention.query_key_value": "qkv",
+                 "self_attention.dense": "attention_dense", "post_attention_layernorm": "mlp_ln",
+                 "mlp.dense_h_to_4h": "fc1", "mlp.dense_4h_to_h": "fc2"}
+        for key, value in lm["encoder"].items():
+            if key.startswith("final_layernorm."):
+                shard["final_ln." + key.split(".")[-1]] = n(value)
+                continue
+            _, i, rest = key.split(".", 2)
+            op, param = rest.rsplit(".", 1)
+            shard[f"{i}.{roles[op]}.{param}"] = n(value)
+        shards.append(shard)
+    return shards

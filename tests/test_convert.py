@@ -5,11 +5,9 @@ that reads the stored tensors rank by rank (tests/megatron_reference.py), plus t
 QKV logic transcribed below as a second, independent reading of the fused layout.
 """
 
-import argparse
 import importlib.util
 import json
 import os
-import pickle
 import sys
 import zipfile
 
@@ -17,7 +15,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_megatronbert import MODEL_CLASSES, MegatronBertForPreTraining, MegatronBertModel
+from paddle_megatronbert import MODEL_CLASSES, MegatronBertForPreTraining
 from paddle_megatronbert.configuration import PRETRAINED_INIT_CONFIGURATION
 from paddle_megatronbert.convert import convert_checkpoint, load_torch_checkpoint
 from paddle_megatronbert.convert.megatron import fuse_qkv, split_fused_qkv
@@ -36,7 +34,8 @@ TINY_HF = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+    path = os.path.join(ROOT, "tools", "convert_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("convert_checkpoint_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -146,9 +145,9 @@ def test_safetensors_needs_no_torch(tmp_path, monkeypatch):
 
 
 # ---- 2. Megatron checkpoints ----------------------------------------------------------------------
-MEGATRON_CASES = [  # (checkpoint_version, new key names, TP degree)
+MEGATRON_CASES = [  # (checkpoint_version, new key names ("norm": 2024's *_norm spelling too), TP degree)
     (0, False, 1), (0, False, 2), (1.0, False, 1), (1.0, True, 2), (2.0, True, 1), (2.0, False, 2),
-    (3.0, True, 1), (3.0, True, 2),
+    (3.0, True, 1), (3.0, "norm", 2),
 ]
 
 
@@ -198,13 +197,15 @@ def test_fused_bias_gelu_becomes_tanh_gelu(tmp_path):
 
 
 def test_ngc_style_zip_without_args_and_tool(tmp_path, capsys):
-    """An NGC zip: release/mp_rank_00/model_optim_rng.pt, no args, no checkpoint_version (layout 0)."""
+    """An NGC zip: release/mp_rank_00/model_optim_rng.pt in torch's old (pre-zip) format, no args, no
+    checkpoint_version (layout 0)."""
     rng = np.random.RandomState(11)
     shards = ref.random_shards(rng, tp=1)
-    ref.save_megatron_checkpoint(str(tmp_path / "ngc"), shards, None, False, None)
+    ref.save_megatron_checkpoint(str(tmp_path / "ngc"), shards, None, False, None, legacy_format=True)
     archive = str(tmp_path / "megatron_bert_345m_v0_1_uncased.zip")
     with zipfile.ZipFile(archive, "w") as z:
-        z.write(tmp_path / "ngc" / "release" / "mp_rank_00" / "model_optim_rng.pt", "release/mp_rank_00/model_optim_rng.pt")
+        member = "release/mp_rank_00/model_optim_rng.pt"
+        z.write(tmp_path / "ngc" / member, member)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(f"w{i}" for i in range(120)) + "\n")
     dst = str(tmp_path / "out")
@@ -276,11 +277,12 @@ def hf_converter_state(checkpoint, hidden, heads):
                 out[f"{prefix}attention.self.{which}.{param}"] = fixed[j * hidden:(j + 1) * hidden]
         else:
             out[f"{prefix}{simple[op]}.{param}"] = value
-    out["bert.encoder.ln.weight"], out["bert.encoder.ln.bias"] = stack["final_layernorm.weight"], stack["final_layernorm.bias"]
-    out["bert.pooler.dense.weight"], out["bert.pooler.dense.bias"] = lm["pooler"]["dense.weight"], lm["pooler"]["dense.bias"]
     head = checkpoint["model"]["lm_head"]
-    for ours, theirs in (("transform.dense", "dense"), ("transform.LayerNorm", "layernorm")):
-        out[f"cls.predictions.{ours}.weight"], out[f"cls.predictions.{ours}.bias"] = head[f"{theirs}.weight"], head[f"{theirs}.bias"]
+    for p in ("weight", "bias"):
+        out[f"bert.encoder.ln.{p}"] = stack[f"final_layernorm.{p}"]
+        out[f"bert.pooler.dense.{p}"] = lm["pooler"][f"dense.{p}"]
+        out[f"cls.predictions.transform.dense.{p}"] = head[f"dense.{p}"]
+        out[f"cls.predictions.transform.LayerNorm.{p}"] = head[f"layernorm.{p}"]
     out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"]
     out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"] = head["bias"]
     binary = checkpoint["model"]["binary_head"]
@@ -335,7 +337,8 @@ def save_full_size_shapes(directory, vocab, tp, args, zipped):
         for ln in ("attention_ln", "mlp_ln"):
             shard[f"{i}.{ln}.weight"], shard[f"{i}.{ln}.bias"] = shaped(hidden), shaped(hidden)
         shard[f"{i}.qkv.weight"], shard[f"{i}.qkv.bias"] = shaped(3 * hidden // tp, hidden), shaped(3 * hidden // tp)
-        shard[f"{i}.attention_dense.weight"], shard[f"{i}.attention_dense.bias"] = shaped(hidden, hidden // tp), shaped(hidden)
+        shard[f"{i}.attention_dense.weight"] = shaped(hidden, hidden // tp)
+        shard[f"{i}.attention_dense.bias"] = shaped(hidden)
         shard[f"{i}.fc1.weight"], shard[f"{i}.fc1.bias"] = shaped(ffn // tp, hidden), shaped(ffn // tp)
         shard[f"{i}.fc2.weight"], shard[f"{i}.fc2.bias"] = shaped(hidden, ffn // tp), shaped(hidden)
     for rank in range(tp):
@@ -360,9 +363,9 @@ def save_full_size_shapes(directory, vocab, tp, args, zipped):
 def test_full_size_config_matches_registered(name, tp, with_args, tmp_path):
     registered = PRETRAINED_INIT_CONFIGURATION[name]
     vocab = registered["vocab_size"]
+    tokenizer = "BertWordPieceLowerCase" if registered["do_lower_case"] else "BertWordPieceCase"
     args = ref.megatron_args(hidden=1024, heads=16, layers=24, ffn=4096, vocab=vocab, positions=512, tp=tp,
-                             tokenizer_type="BertWordPieceLowerCase" if registered["do_lower_case"] else "BertWordPieceCase",
-                             bias_gelu_fusion=False) if with_args else None
+                             tokenizer_type=tokenizer) if with_args else None
     src = save_full_size_shapes(str(tmp_path / "ngc"), vocab, tp, args, zipped=not with_args)
     checkpoint = open_checkpoint(src, workdir=str(tmp_path / "work"))
     config = checkpoint.config.to_dict()
@@ -520,3 +523,220 @@ def test_every_source_form_is_detected(tmp_path, capsys):
     assert open_checkpoint(os.path.join(hf, "pytorch_model.bin")).config.num_hidden_layers == 2
     err = run_tool_expecting_error(tmp_path, capsys, src, "--from", "hf")
     assert "has no config.json" in err
+
+
+# ---- beyond the peers: real pickles, Megatron-core names, export back, report ------------------------
+def test_megatron_enum_in_args_loads_without_megatron(tmp_path, monkeypatch):
+    """Megatron-LM's args may hold its enums: saved with a stand-in ``megatron.model.enums``, read with
+    the module gone (no Megatron-LM on the path) as an inert stub that keeps the name and value."""
+    import enum
+    import types
+
+    class AttnMaskType(enum.Enum):
+        padding = 1
+        causal = 2
+
+    AttnMaskType.__module__, AttnMaskType.__qualname__ = "megatron.model.enums", "AttnMaskType"
+    shards = ref.random_shards(np.random.RandomState(9))
+    with monkeypatch.context() as patch:
+        for name in ("megatron", "megatron.model", "megatron.model.enums"):
+            patch.setitem(sys.modules, name, types.ModuleType(name))
+        sys.modules["megatron.model.enums"].AttnMaskType = AttnMaskType
+        src = ref.save_megatron_checkpoint(str(tmp_path / "m"), shards, 3.0, True,
+                                           ref.megatron_args(attn_mask_type=AttnMaskType.padding))
+    assert "megatron" not in sys.modules
+    stub = open_checkpoint(src).args["attn_mask_type"]
+    assert type(stub).__name__ == "AttnMaskType" and stub.value == 1
+    report = convert_checkpoint(src, str(tmp_path / "out"))
+    assert report["read_with"] == ["restricted"]
+    ids, types_, mask = batch(128)
+    assert_matches_reference(megatron_outputs(str(tmp_path / "out"), ids, types_, mask),
+                             ref.megatron_forward(shards, 3.0, 4, ids, types_, mask), mask)
+
+
+def core_checkpoint_from_hf(hf_model, directory, tp, fused_layer_norms):
+    """A Megatron-core BERT checkpoint (legacy torch format) built from an HF model by the inverse map:
+    fused QKV rows [heads, 3, head_dim] per rank, column/row/vocab splits, Transformer Engine's fused
+    LayerNorm names or the separate ones."""
+    hf = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    config = hf_model.config
+    heads, head_dim = config.num_attention_heads // tp, config.hidden_size // config.num_attention_heads
+
+    def cols(a, r):
+        return np.split(a, tp, axis=0)[r]
+
+    def rows(a, r):
+        return np.split(a, tp, axis=1)[r]
+
+    for r in range(tp):
+        m = {"embedding.word_embeddings.weight": cols(hf["bert.embeddings.word_embeddings.weight"], r),
+             "embedding.position_embeddings.weight": hf["bert.embeddings.position_embeddings.weight"],
+             "embedding.tokentype_embeddings.weight": hf["bert.embeddings.token_type_embeddings.weight"],
+             "encoder.final_layernorm.weight": hf["bert.encoder.ln.weight"],
+             "encoder.final_layernorm.bias": hf["bert.encoder.ln.bias"],
+             "pooler.dense.weight": hf["bert.pooler.dense.weight"], "pooler.dense.bias": hf["bert.pooler.dense.bias"],
+             "lm_head.dense.weight": hf["cls.predictions.transform.dense.weight"],
+             "lm_head.dense.bias": hf["cls.predictions.transform.dense.bias"],
+             "lm_head.layer_norm.weight": hf["cls.predictions.transform.LayerNorm.weight"],
+             "lm_head.layer_norm.bias": hf["cls.predictions.transform.LayerNorm.bias"],
+             "output_layer.bias": cols(hf["cls.predictions.decoder.bias"], r),
+             "binary_head.weight": hf["cls.seq_relationship.weight"],
+             "binary_head.bias": hf["cls.seq_relationship.bias"]}
+        for i in range(config.num_hidden_layers):
+            h, c = f"bert.encoder.layer.{i}.", f"encoder.layers.{i}."
+            for p in ("weight", "bias"):
+                q, k, v = (cols(hf[f"{h}attention.self.{x}.{p}"], r) for x in ("query", "key", "value"))
+                per_head = [x.reshape((heads, head_dim) + x.shape[1:]) for x in (q, k, v)]
+                m[f"{c}self_attention.linear_qkv.{p}"] = np.stack(per_head, axis=1).reshape((-1,) + q.shape[1:])
+                proj, fc2 = hf[f"{h}attention.output.dense.{p}"], hf[f"{h}output.dense.{p}"]
+                m[f"{c}self_attention.linear_proj.{p}"] = rows(proj, r) if p == "weight" else proj  # row-parallel
+                m[f"{c}mlp.linear_fc1.{p}"] = cols(hf[f"{h}intermediate.dense.{p}"], r)
+                m[f"{c}mlp.linear_fc2.{p}"] = rows(fc2, r) if p == "weight" else fc2
+                if fused_layer_norms:
+                    m[f"{c}self_attention.linear_qkv.layer_norm_{p}"] = hf[f"{h}attention.ln.{p}"]
+                    m[f"{c}mlp.linear_fc1.layer_norm_{p}"] = hf[f"{h}ln.{p}"]
+                else:
+                    m[f"{c}input_layernorm.{p}"] = hf[f"{h}attention.ln.{p}"]
+                    m[f"{c}pre_mlp_layernorm.{p}"] = hf[f"{h}ln.{p}"]
+            m[f"{c}self_attention.core_attention._extra_state"] = None  # Transformer Engine state: no weights
+        model = {k: (torch.from_numpy(np.ascontiguousarray(v)) if v is not None else v) for k, v in m.items()}
+        state = {"model": model,
+                 "checkpoint_version": 3.0,
+                 "args": ref.megatron_args(hidden=config.hidden_size, heads=config.num_attention_heads,
+                                           layers=config.num_hidden_layers, ffn=config.intermediate_size,
+                                           vocab=config.vocab_size, positions=config.max_position_embeddings, tp=tp)}
+        path = os.path.join(directory, "release", f"mp_rank_{r:02d}", "model_optim_rng.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, path)
+    return directory
+
+
+@pytest.mark.parametrize("fused_layer_norms", [True, False])
+def test_megatron_core_names_tp2_match_hf(fused_layer_norms, tmp_path):
+    hf_model = build_hf_model("MegatronBertForPreTraining", seed=4, vocab_size=128, intermediate_size=48,
+                              layer_norm_eps=1e-5)
+    src = core_checkpoint_from_hf(hf_model, str(tmp_path / "core"), 2, fused_layer_norms)
+    report = convert_checkpoint(src, str(tmp_path / "out"))
+    assert report["naming"] == "core" and report["tensor_parallel_degree"] == 2
+    ours = MegatronBertForPreTraining.from_pretrained(str(tmp_path / "out"))
+    ours.eval()
+    compare_with_hf(hf_model, ours, "MegatronBertForPreTraining", 128)
+
+
+def test_distributed_checkpoint_is_refused_with_the_way_out(tmp_path, capsys):
+    iteration = tmp_path / "src" / "iter_0000010"
+    iteration.mkdir(parents=True)
+    (iteration / "__0_0.distcp").write_bytes(b"\0" * 16)
+    (iteration / "metadata.json").write_text("{}")
+    (tmp_path / "src" / "latest_checkpointed_iteration.txt").write_text("10")
+    err = run_tool_expecting_error(tmp_path, capsys, str(tmp_path / "src"))
+    assert "torch_dist" in err and "--ckpt-convert-format torch" in err
+
+
+def test_round_trip_hf_paddle_hf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_model = build_hf_model("MegatronBertForPreTraining", seed=6)
+    src = save_hf(hf_model, str(tmp_path / "hf"), "safetensors")
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(99)) + "\n")
+    first = convert_checkpoint(src, str(tmp_path / "paddle"), verify=True)
+    assert first["verify"]["max_abs_diff"] <= 1e-5
+    back = convert_checkpoint(str(tmp_path / "paddle"), str(tmp_path / "hf2"), to="hf", verify=True)
+    assert back["verify"]["max_abs_diff"] <= 1e-5 and back["source_kind"] == "paddle"
+    assert sorted(os.listdir(tmp_path / "hf2")) == ["config.json", "conversion_report.json", "model.safetensors",
+                                                    "tokenizer_config.json", "vocab.txt"]
+    reloaded = transformers.MegatronBertForPreTraining.from_pretrained(str(tmp_path / "hf2")).eval()
+    original = hf_model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, original[name]), name
+    ours = MegatronBertForPreTraining.from_pretrained(str(tmp_path / "paddle"))
+    ours.eval()
+    compare_with_hf(reloaded, ours, "MegatronBertForPreTraining", 99)
+
+
+def test_round_trip_megatron_tp2_paddle_tp4_paddle(tmp_path):
+    shards = ref.random_shards(np.random.RandomState(8), vocab=512, tp=2)
+    src = ref.save_megatron_checkpoint(str(tmp_path / "tp2"), shards, 2.0, False, ref.megatron_args(vocab=512, tp=2))
+    convert_checkpoint(src, str(tmp_path / "ours1"))
+    report = convert_checkpoint(str(tmp_path / "ours1"), str(tmp_path / "tp4"), to="megatron", tensor_parallel_degree=4)
+    assert sorted(os.listdir(tmp_path / "tp4" / "release")) == [f"mp_rank_{r:02d}" for r in range(4)]
+    assert (tmp_path / "tp4" / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert all(t["target"].endswith("(split over 4 ranks)") for t in report["tensors"])
+    convert_checkpoint(str(tmp_path / "tp4"), str(tmp_path / "ours2"))
+    first = paddle.load(str(tmp_path / "ours1" / "model_state.pdparams"), return_numpy=True)
+    second = paddle.load(str(tmp_path / "ours2" / "model_state.pdparams"), return_numpy=True)
+    assert sorted(first) == sorted(second)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], name)
+    ids, types_, mask = batch(512)
+    expected = ref.megatron_forward(shards, 2.0, 4, ids, types_, mask)
+    assert_matches_reference(megatron_outputs(str(tmp_path / "ours2"), ids, types_, mask), expected, mask)
+    # the TP=4 shards, read by the numpy Megatron forward itself: the export wrote Megatron's layout
+    assert_matches_reference(ref.megatron_forward(ref.shards_from_checkpoint(str(tmp_path / "tp4")), 3.0, 4, ids,
+                                                  types_, mask), expected, mask)
+
+
+def test_export_repads_vocab_and_keeps_heads(tmp_path):
+    shards = ref.random_shards(np.random.RandomState(12), vocab=128, tp=1)
+    src = ref.save_megatron_checkpoint(str(tmp_path / "tp1"), shards, 3.0, True, ref.megatron_args(vocab=128))
+    convert_checkpoint(src, str(tmp_path / "ours"))
+    report = convert_checkpoint(str(tmp_path / "ours"), str(tmp_path / "tp4"), to="megatron", tensor_parallel_degree=4)
+    assert report["vocab"]["padded"] == 512
+    exported = ref.shards_from_checkpoint(str(tmp_path / "tp4"))
+    assert [s["word_embeddings"].shape[0] for s in exported] == [128] * 4
+    assert all(s["binary_head.weight"].shape == (2, 32) for s in exported)
+    ids, types_, mask = batch(128)
+    logits, nsp = ref.megatron_forward(exported, 3.0, 4, ids, types_, mask)
+    assert_matches_reference((logits[..., :128], nsp), ref.megatron_forward(shards, 3.0, 4, ids, types_, mask), mask)
+    np.testing.assert_array_equal(np.concatenate([s["lm_bias"] for s in exported])[128:], 0)
+
+
+def test_report_lists_every_tensor(tmp_path):
+    src = megatron_dir(tmp_path, tp=2)
+    report = json.loads(json.dumps(convert_checkpoint(src, str(tmp_path / "out"))))
+    assert report == json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    stored = paddle.load(str(tmp_path / "out" / "model_state.pdparams"), return_numpy=True)
+    assert sorted(t["target"] for t in report["tensors"]) == sorted(stored)
+    for entry in report["tensors"]:
+        assert list(stored[entry["target"]].shape) == entry["shape"] and entry["source"]
+    assert report["source_kind"] == "megatron" and report["checkpoint_version"] == 2.0
+    assert report["vocab"] == {"raw": None, "padded": 128, "vocab_file": None, "casing": "uncased"}
+
+
+def test_cased_checkpoint_with_uncased_vocab_is_refused(tmp_path, capsys):
+    src = save_full_size_shapes(str(tmp_path / "ngc"), 29056, 1, None, zipped=True)
+    uncased = os.path.join(ROOT, "paddle_megatronbert", "vocab", "megatronbert-uncased-vocab.txt")
+    err = run_tool_expecting_error(tmp_path, capsys, src, "--vocab_file", uncased)
+    assert "30522 tokens (uncased BERT)" in err and "29056 embedding rows (BERT's cased 28996 padded)" in err
+
+
+def test_export_from_sharded_paddle_dir_and_from_hf(tmp_path):
+    """SRC may be any readable format: our per-rank ``model_state.tpNN.pdparams`` (as
+    save_pretrained(merge_tensor_parallel=False) writes them) -> HF; HF -> Megatron TP=2 -> ours."""
+    transformers = pytest.importorskip("transformers")
+    from paddle_megatronbert.modeling import tensor_parallel_split_kind
+    from paddle_megatronbert.parallel import shard_array
+
+    hf_model = build_hf_model("MegatronBertForPreTraining", seed=13, vocab_size=128, intermediate_size=48)
+    convert_checkpoint(save_hf(hf_model, str(tmp_path / "hf"), "bin"), str(tmp_path / "full"))
+    full = paddle.load(str(tmp_path / "full" / "model_state.pdparams"), return_numpy=True)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    (sharded / "config.json").write_text(json.dumps({**config, "tensor_parallel_degree": 2}))
+    for rank in range(2):
+        part = {k: shard_array(v, tensor_parallel_split_kind(k), 2, rank) for k, v in full.items()}
+        paddle.save(part, str(sharded / f"model_state.tp{rank:02d}.pdparams"))
+    report = convert_checkpoint(str(sharded), str(tmp_path / "hf2"), to="hf")
+    assert report["source_kind"] == "paddle" and report["tensor_parallel_degree"] == 2
+    reloaded = transformers.MegatronBertForPreTraining.from_pretrained(str(tmp_path / "hf2")).eval()
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, hf_model.state_dict()[name]), name
+
+    convert_checkpoint(str(tmp_path / "hf"), str(tmp_path / "megatron"), to="megatron", tensor_parallel_degree=2)
+    convert_checkpoint(str(tmp_path / "megatron"), str(tmp_path / "back"))
+    back = paddle.load(str(tmp_path / "back" / "model_state.pdparams"), return_numpy=True)
+    assert sorted(back) == sorted(full)
+    for name in full:  # 128 vocab rows re-padded to a multiple of 128 x 2 for Megatron: zeros after the 128
+        np.testing.assert_array_equal(back[name][:len(full[name])], full[name], name)
+        np.testing.assert_array_equal(back[name][len(full[name]):], 0, name)
+    assert back["bert.embeddings.word_embeddings.weight"].shape == (256, 32)

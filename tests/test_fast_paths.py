@@ -21,9 +21,10 @@ TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_he
             attention_probs_dropout_prob=0.0, layer_norm_eps=1e-5)
 BATCH, SEQ = 3, 11
 RTOL = 1e-5
-# A gradient that is zero in exact arithmetic (the key bias: softmax ignores a per-row shift) comes out
-# as float32 round-off (~1e-11) on both paths; relative to itself that is noise, so it gets a floor.
-ATOL_FLOOR = 1e-9
+# Some gradients are zero in exact arithmetic (the key bias: softmax ignores a per-row shift; the QA bias:
+# softmax minus one-hot sums to 0) and come out as float32 round-off on both paths, which is noise relative
+# to itself. Those get a floor of 1e-6 times the largest value of the whole set (still 10x below RTOL).
+ROUND_OFF_FLOOR = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,11 @@ def forward_backward(model, inputs, fast):
 
 def assert_close(plain, fast, what):
     assert plain.keys() == fast.keys(), what
+    floor = ROUND_OFF_FLOOR * max(np.abs(a).max() for a in plain.values())
     for name in plain:
         a, b = plain[name], fast[name]
         err = np.abs(a - b).max()
-        bound = RTOL * np.abs(a).max() + ATOL_FLOOR
+        bound = RTOL * np.abs(a).max() + floor
         assert err <= bound, f"{what} {name}: max |fast - plain| = {err:.3g} > {bound:.3g}"
 
 

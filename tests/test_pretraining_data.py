@@ -4,6 +4,7 @@ the 80/10/10 masking, byte-identical shards for a seed, and the loader's per-ran
 import importlib.util
 import json
 import os
+import sys
 
 import h5py
 import numpy as np
@@ -29,6 +30,7 @@ def load_tool():
     spec = importlib.util.spec_from_file_location(
         "create_pretraining_data", os.path.join(REPO, "tools", "create_pretraining_data.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses and the worker pool look the module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -56,7 +58,7 @@ def test_sample_text_is_real_prose_in_the_input_format():
     docs = sample_documents()
     assert len(docs) == 12  # the translator's note and the 11 chapters of Botchan (1919 translation)
     sentences = [s for d in docs for s in d]
-    assert len(sentences) == 3033 and all(s.strip() == s and s for s in sentences)
+    assert len(sentences) == 3034 and all(s.strip() == s and s for s in sentences)
     assert sum(len(s.split()) for s in sentences) > 45000
     assert not any("gutenberg" in s.lower() for s in sentences)
 
@@ -104,8 +106,8 @@ def test_masking_is_80_10_10_and_labels_are_the_original_tokens(uncased_shard):
     mask_fraction = float((shown == 103).mean())
     kept_fraction = float((shown == originals).mean())
     random_fraction = 1.0 - mask_fraction - kept_fraction
-    assert valid.sum() > 30000
-    # 3 standard deviations of a binomial over >30k predictions are below 0.007
+    assert valid.sum() > 20000
+    # 3 standard deviations of a binomial over >20k predictions are below 0.009
     assert abs(mask_fraction - 0.8) < 0.01 and abs(kept_fraction - 0.1) < 0.01 and abs(random_fraction - 0.1) < 0.01
     # The labels are the original tokens: put them back and segment A / B are runs of the tokenized text.
     doc_strings = []
@@ -114,6 +116,7 @@ def test_masking_is_80_10_10_and_labels_are_the_original_tokens(uncased_shard):
         doc_strings.append(" " + " ".join(map(str, ids)) + " ")
     rng = np.random.default_rng(0)
     checked = {0: 0, 1: 0}
+    random_b_from_another_document = 0
     for row in rng.choice(len(positions), 60, replace=False):
         ids = arrays["input_ids"][row].copy()
         count = int(valid[row].sum())
@@ -125,10 +128,13 @@ def test_masking_is_80_10_10_and_labels_are_the_original_tokens(uncased_shard):
         docs_b = {d for d, s in enumerate(doc_strings) if " " + " ".join(map(str, segment_b)) + " " in s}
         assert docs_a and docs_b, f"row {row}: a segment is not a run of the original text"
         is_random = int(arrays["next_sentence_labels"][row])
-        if len(docs_a) == 1:
-            assert bool(docs_a & docs_b) != bool(is_random) or is_random, row  # label 0: B from A's document
+        if len(docs_a) == 1:  # A's document is known
             checked[is_random] += 1
+            if not is_random:
+                assert docs_a & docs_b, f"row {row}: label 0 (true continuation) but B is not from A's document"
+            random_b_from_another_document += bool(is_random and not docs_a & docs_b)
     assert checked[0] > 10 and checked[1] > 10
+    assert random_b_from_another_document == checked[1]
 
 
 def test_same_seed_gives_identical_bytes_whatever_the_worker_count(tool, tmp_path):
@@ -246,8 +252,9 @@ def test_position_resumes_exactly_across_shards_and_epochs(synthetic_shards):
 
 
 def test_header_checks_name_the_file(tmp_path, synthetic_shards):
-    with pytest.raises(FileNotFoundError, match="has no HDF5 shards"):
-        list_shards(str(tmp_path / "empty") if os.makedirs(tmp_path / "empty") is None else "")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="empty has no HDF5 shards"):
+        list_shards(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"s0\.hdf5 has 4 masked positions per sequence but --max_predictions_per_seq is 20"):
         inspect_shard(synthetic_shards[0], 20)
     with pytest.raises(ValueError, match=r"s1\.hdf5: input_ids reaches id 1016 but the model's vocab_size is 1000"):

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Convert a PyTorch MegatronBERT checkpoint into a Paddle model directory.
+"""Convert a MegatronBERT checkpoint: PyTorch (HF, Megatron-LM, NGC) into a Paddle model directory, and back.
 
-    python tools/convert_checkpoint.py SRC DST [--from {hf,megatron}] [--dtype {float32,float16,bfloat16}]
-                                               [--vocab_file F]
+    python tools/convert_checkpoint.py SRC DST [--from {hf,megatron,paddle}] [--to {paddle,hf,megatron}]
+        [--dtype {float32,float16,bfloat16}] [--vocab_file F] [--tensor_parallel_degree N] [--verify]
 
 SRC: an HF ``MegatronBert*`` directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``),
 an NGC zip (``megatron_bert_345m_v0_1_uncased.zip``), a Megatron-LM checkpoint directory (with
 ``latest_checkpointed_iteration.txt``, ``release/`` or ``iter_XXXXXXX/``; tensor-parallel ``mp_rank_XX``
-shards are merged) or one ``model_optim_rng.pt``. DST is written whole or not at all; it loads with
-``MegatronBertFor*.from_pretrained(DST)``. See docs/converting.md.
+shards are merged), one ``model_optim_rng.pt``, or one of our Paddle directories (for ``--to hf`` /
+``--to megatron``). DST is written whole or not at all; a Paddle DST loads with
+``MegatronBertFor*.from_pretrained(DST)``, an HF one with transformers, a Megatron one with Megatron-LM
+(``--load DST``). ``conversion_report.json`` beside it lists every tensor. See docs/converting.md.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="HF directory, NGC zip, Megatron-LM checkpoint directory or model_optim_rng.pt")
     parser.add_argument("dst", help="the Paddle model directory to write")
-    parser.add_argument("--from", dest="kind", choices=("hf", "megatron"), help="the source kind (default: detected)")
+    parser.add_argument("--from", dest="kind", choices=("hf", "megatron", "paddle"),
+                        help="the source kind (default: detected)")
+    parser.add_argument("--to", default="paddle", choices=("paddle", "hf", "megatron"),
+                        help="what DST becomes (default: a Paddle model directory)")
+    parser.add_argument("--tensor_parallel_degree", type=int, default=1,
+                        help="with --to megatron: the number of mp_rank_XX shards to write")
+    parser.add_argument("--verify", action="store_true",
+                        help="compare the source and the result on a probe batch (HF <-> Paddle; needs torch "
+                             "and transformers)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="dtype of the written weights (default float32)")
     parser.add_argument("--vocab_file", help="vocab.txt to ship with the model (default: the one in SRC, if any)")
@@ -44,20 +54,28 @@ def main(argv=None) -> int:
     from paddle_megatronbert.convert import convert_checkpoint
 
     try:
-        report = convert_checkpoint(args.src, args.dst, kind=args.kind, dtype=args.dtype, vocab_file=args.vocab_file,
-                                    overwrite=args.overwrite, num_attention_heads=args.num_attention_heads,
-                                    allow_vocab_mismatch=args.allow_vocab_mismatch)
+        report = convert_checkpoint(args.src, args.dst, kind=args.kind, to=args.to, dtype=args.dtype,
+                                    vocab_file=args.vocab_file, overwrite=args.overwrite,
+                                    num_attention_heads=args.num_attention_heads,
+                                    allow_vocab_mismatch=args.allow_vocab_mismatch,
+                                    tensor_parallel_degree=args.tensor_parallel_degree, verify=args.verify)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
     if not args.quiet:
         vocab = report["vocab"]
-        print(f"converted {report['source_kind']} checkpoint {args.src} -> {args.dst}: {len(report['tensors'])} "
-              f"tensors, {args.dtype}, vocab rows {vocab['embedding_rows']}, "
-              f"{'uncased' if vocab['do_lower_case'] else 'cased'}, read with {', '.join(report['read_with'])}")
+        print(f"converted {report['source_kind']} checkpoint {args.src} -> {args.to} {args.dst}: "
+              f"{len(report['tensors'])} tensors, {args.dtype}, vocab rows {vocab['padded']} ({vocab['casing']}), "
+              f"read with {', '.join(report['read_with'])}")
         for note in report["notes"]:
             print(f"  note: {note}")
+        if "verify" in report:
+            check = report["verify"]
+            if "skipped" in check:
+                print(f"  verify: skipped, {check['skipped']}")
+            else:
+                print(f"  verify: {check['compared']}: max |diff| of {check['output']} = {check['max_abs_diff']:.3g}")
     return 0
 
 

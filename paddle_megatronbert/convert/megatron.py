@@ -30,18 +30,18 @@ KNOWN_CHECKPOINT_VERSIONS = (0, 1, 2, 3)
 
 # ---- names -> roles ------------------------------------------------------------------------------
 # (regex on the flattened name, role). Groups: the layer index (for layer roles), then weight/bias.
-_LAYER = r"(?:language_model\.)?(?:transformer|encoder)\.layers\.(\d+)\."
-LEGACY_NAMES = [  # Megatron-LM's legacy model (megatron/model, later megatron/legacy/model)
+_LAYER = r"language_model\.(?:transformer|encoder)\.layers\.(\d+)\."
+LEGACY_NAMES = [  # Megatron-LM's legacy model (megatron/model, later megatron/legacy/model: *_norm since 2024)
     (r"language_model\.embedding\.word_embeddings\.(weight)", "word_embeddings"),
     (r"language_model\.embedding\.position_embeddings\.(weight)", "position_embeddings"),
     (r"language_model\.embedding\.tokentype_embeddings\.(weight)", "token_type_embeddings"),
-    (_LAYER + r"input_layernorm\.(weight|bias)", "attention_ln"),
+    (_LAYER + r"input_(?:layer)?norm\.(weight|bias)", "attention_ln"),
     (_LAYER + r"(?:attention|self_attention)\.query_key_value\.(weight|bias)", "qkv"),
     (_LAYER + r"(?:attention|self_attention)\.dense\.(weight|bias)", "attention_dense"),
-    (_LAYER + r"post_attention_layernorm\.(weight|bias)", "mlp_ln"),
+    (_LAYER + r"post_attention_(?:layer)?norm\.(weight|bias)", "mlp_ln"),
     (_LAYER + r"mlp\.dense_h_to_4h\.(weight|bias)", "fc1"),
     (_LAYER + r"mlp\.dense_4h_to_h\.(weight|bias)", "fc2"),
-    (r"language_model\.(?:transformer|encoder)\.final_layernorm\.(weight|bias)", "final_ln"),
+    (r"language_model\.(?:transformer|encoder)\.final_(?:layer)?norm\.(weight|bias)", "final_ln"),
     (r"language_model\.pooler\.dense\.(weight|bias)", "pooler"),
     (r"lm_head\.dense\.(weight|bias)", "lm_dense"),
     (r"lm_head\.layernorm\.(weight|bias)", "lm_ln"),
@@ -121,15 +121,13 @@ def tensor_parallel_kind(role: str, param: str) -> Optional[str]:
 RoleKey = Tuple[str, Optional[int], str]  # (role, layer index or None, "weight"/"bias")
 
 
-def role_of(name: str) -> Optional[Tuple[RoleKey, str]]:
-    """(role key, naming generation) of a flattened Megatron name, or None if no table knows it."""
-    for table, generation in ((LEGACY_NAMES, "legacy"), (CORE_NAMES, "core")):
-        for pattern, role in table:
-            match = re.fullmatch(pattern, name)
-            if match:
-                groups = match.groups()
-                layer = int(groups[0]) if role in LAYER_ROLES else None
-                return (role, layer, groups[-1]), generation
+def role_of(name: str) -> Optional[RoleKey]:
+    """The role key of a flattened Megatron name (legacy or Megatron-core), or None if no table knows it."""
+    for pattern, role in LEGACY_NAMES + CORE_NAMES:
+        match = re.fullmatch(pattern, name)
+        if match:
+            groups = match.groups()
+            return role, (int(groups[0]) if role in LAYER_ROLES else None), groups[-1]
     return None
 
 
@@ -167,10 +165,6 @@ def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, checkpoint_version: fl
 
 # ---- finding the shards ---------------------------------------------------------------------------
 _RANK_DIR = re.compile(r"mp_rank_(\d+)(_(\d+))?$")
-
-
-def _describe(path: str) -> str:
-    return f"{path!r}"
 
 
 def is_distributed_checkpoint(directory: str) -> bool:
@@ -252,8 +246,7 @@ def find_shard_files(source: str, workdir: Optional[str] = None) -> List[str]:
         return [source]  # a torch file (itself a zip archive since torch 1.6, but not one of ours)
     if is_distributed_checkpoint(source):
         raise _torch_dist_error(source)
-    if os.path.basename(os.path.normpath(source)).startswith("mp_rank_") and _RANK_DIR.match(
-            os.path.basename(os.path.normpath(source))):
+    if _RANK_DIR.match(os.path.basename(os.path.normpath(source))):
         return [_checkpoint_file(source)]
     for name in CHECKPOINT_FILES:
         if os.path.isfile(os.path.join(source, name)):
@@ -261,7 +254,8 @@ def find_shard_files(source: str, workdir: Optional[str] = None) -> List[str]:
     iteration = _iteration_dir(source)
     if is_distributed_checkpoint(iteration):
         raise _torch_dist_error(iteration)
-    rank_names = [n for n in os.listdir(iteration) if _RANK_DIR.match(n) and os.path.isdir(os.path.join(iteration, n))]
+    rank_names = [n for n in os.listdir(iteration)
+                  if _RANK_DIR.match(n) and os.path.isdir(os.path.join(iteration, n))]
     if not rank_names:
         raise ValueError(f"{source} is not a Megatron checkpoint: no latest_checkpointed_iteration.txt, release/, "
                          "iter_XXXXXXX/, mp_rank_XX/ or model_optim_rng.pt in it")
@@ -281,8 +275,9 @@ def _extract_zip(path: str, workdir: Optional[str]) -> List[str]:
                 if len(parts) >= 2 and parts[-1] in CHECKPOINT_FILES and _RANK_DIR.match(parts[-2]):
                     shards.setdefault("/".join(parts[:-2]), {})[parts[-2]] = member
             if not shards:
-                raise ValueError(f"{path} is a zip but holds no mp_rank_XX/model_optim_rng.pt: not a Megatron checkpoint")
-            chosen = _choose_zip_iteration(archive, members, sorted(shards), path)
+                raise ValueError(f"{path} is a zip but holds no mp_rank_XX/model_optim_rng.pt: "
+                                 "not a Megatron checkpoint")
+            chosen = _choose_zip_iteration(archive, members, sorted(shards))
             ordered = _order_ranks(list(shards[chosen]), f"{path}:{chosen or '/'}")
             files = []
             for rank_name in ordered:
@@ -296,7 +291,8 @@ def _extract_zip(path: str, workdir: Optional[str]) -> List[str]:
         raise ValueError(f"{path} is not a valid zip file, truncated or corrupt ({err})") from None
 
 
-def _choose_zip_iteration(archive, members, iterations, path) -> str:
+def _choose_zip_iteration(archive, members, iterations) -> str:
+    """The iteration a zip's ``latest_checkpointed_iteration.txt`` names, else ``release``, else the last."""
     if len(iterations) == 1:
         return iterations[0]
     for tracker in (m for m in members if m.endswith("latest_checkpointed_iteration.txt")):
@@ -367,16 +363,14 @@ def read_shard(path: str) -> MegatronShard:
     if version not in KNOWN_CHECKPOINT_VERSIONS:
         raise ValueError(f"{path}: unknown checkpoint_version {version:g} (known: 0, 1.0, 2.0, 3.0); its fused "
                          "QKV layout cannot be decoded")
-    roles, names, unknown, generations = {}, {}, [], set()
+    roles, names, unknown = {}, {}, []
     for name, value in flatten_state(model):
         if _IGNORED.search(name) or not hasattr(value, "shape"):
             continue
-        found = role_of(name)
-        if found is None:
+        key = role_of(name)
+        if key is None:
             unknown.append(name)
             continue
-        key, generation = found
-        generations.add(generation)
         if key in roles:
             raise ValueError(f"{path}: tensors {names[key]} and {name} both map to {key[0]} {key[2]}")
         roles[key], names[key] = value, name
@@ -385,8 +379,10 @@ def read_shard(path: str) -> MegatronShard:
                          f"{', '.join(unknown[:8])}")
     if not roles:
         raise ValueError(f"{path} is not a Megatron BERT checkpoint: its model holds no BERT tensors")
-    return MegatronShard(path, roles, names, version, _args_dict(checkpoint.get("args")), load_path,
-                         "core" if generations == {"core"} else "legacy")
+    # lm_head/binary_head are spelled alike in both; the rest says which generation wrote the file
+    embedding = names.get(("word_embeddings", None, "weight"), "")
+    generation = "legacy" if embedding.startswith("language_model.") else "core"
+    return MegatronShard(path, roles, names, version, _args_dict(checkpoint.get("args")), load_path, generation)
 
 
 @dataclass
@@ -402,11 +398,11 @@ class MegatronCheckpoint:
     num_attention_heads: Optional[int] = None
     notes: List[str] = field(default_factory=list)
 
+    kind = "megatron"
+
     def __post_init__(self):
         self._check_shards()
         self.config = self._derive_config()
-
-    kind = "megatron"
 
     # -- checks --
     @property
@@ -548,7 +544,8 @@ class MegatronCheckpoint:
             return "gelu", None
         for unsupported in ("swiglu", "squared_relu"):
             if args.get(unsupported):
-                raise ValueError(f"{self.shards[0].path}: args.{unsupported} is set; MegatronBERT here supports GELU only")
+                raise ValueError(f"{self.shards[0].path}: args.{unsupported} is set; MegatronBERT here "
+                                 "supports GELU only")
         if args.get("openai_gelu"):
             return "gelu_tanh", None
         if args.get("onnx_safe"):
@@ -617,7 +614,8 @@ class MegatronCheckpoint:
 
     def _source_label(self, key: RoleKey) -> str:
         name = self.shards[0].names[key]
-        return name if self.tensor_parallel_degree == 1 else f"{name} (merged over {self.tensor_parallel_degree} TP shards)"
+        tp = self.tensor_parallel_degree
+        return name if tp == 1 else f"{name} (merged over {tp} TP shards)"
 
 
 def _role_label(key: RoleKey) -> str:
@@ -658,3 +656,154 @@ def read_megatron_checkpoint(source: str, workdir: Optional[str] = None,
            "the restricted unpickler (the file is not loadable with weights_only=True)")
     checkpoint.notes.insert(0, f"read {len(shards)} shard(s) with {how}")
     return checkpoint
+
+
+# ---- export: ours -> Megatron-LM shards ------------------------------------------------------------
+EXPORT_CHECKPOINT_VERSION = 3.0
+_LAYER_TO_MEGATRON = {  # our layer parameter -> Megatron legacy name (newest spelling), split kind
+    "attention.ln": ("input_layernorm", None),
+    "attention.output.dense": ("self_attention.dense", "row"),
+    "ln": ("post_attention_layernorm", None),
+    "intermediate.dense": ("mlp.dense_h_to_4h", "column"),
+    "output.dense": ("mlp.dense_4h_to_h", "row"),
+}
+_GLOBAL_TO_MEGATRON = {  # our name -> (path in Megatron's nested model dict, split kind)
+    "bert.embeddings.word_embeddings.weight": (("language_model", "embedding", "word_embeddings", "weight"),
+                                               "vocab"),
+    "bert.embeddings.position_embeddings.weight": (("language_model", "embedding", "position_embeddings", "weight"),
+                                                   None),
+    "bert.embeddings.token_type_embeddings.weight": (("language_model", "embedding", "tokentype_embeddings",
+                                                      "weight"), None),
+    "bert.encoder.ln.weight": (("language_model", "encoder", "final_layernorm.weight"), None),
+    "bert.encoder.ln.bias": (("language_model", "encoder", "final_layernorm.bias"), None),
+    "bert.pooler.dense.weight": (("language_model", "pooler", "dense.weight"), None),
+    "bert.pooler.dense.bias": (("language_model", "pooler", "dense.bias"), None),
+    "cls.predictions.transform.dense.weight": (("lm_head", "dense.weight"), None),
+    "cls.predictions.transform.dense.bias": (("lm_head", "dense.bias"), None),
+    "cls.predictions.transform.LayerNorm.weight": (("lm_head", "layernorm.weight"), None),
+    "cls.predictions.transform.LayerNorm.bias": (("lm_head", "layernorm.bias"), None),
+    "cls.predictions.bias": (("lm_head", "bias"), "vocab"),
+    "cls.seq_relationship.weight": (("binary_head", "weight"), None),
+    "cls.seq_relationship.bias": (("binary_head", "bias"), None),
+}
+
+
+def padded_vocab_size(raw_vocab_size: int, tensor_parallel_degree: int, divisible_by: int = 128) -> int:
+    """Megatron's ``_vocab_size_with_padding``: up to a multiple of 128 x TP."""
+    multiple = divisible_by * tensor_parallel_degree
+    return -(-raw_vocab_size // multiple) * multiple
+
+
+def megatron_args_for(config: MegatronBertConfig, tensor_parallel_degree: int, vocab_size: int, binary_head: bool):
+    """The ``args`` Megatron-LM stores, with what its BERT needs to rebuild this model."""
+    import argparse
+
+    mlp_tanh = config.hidden_act in ("gelu_tanh", "gelu_new")
+    head_tanh = (config.lm_head_act or config.hidden_act) in ("gelu_tanh", "gelu_new")
+    return argparse.Namespace(
+        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads, kv_channels=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings, seq_length=config.max_position_embeddings,
+        padded_vocab_size=vocab_size, make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=tensor_parallel_degree, pipeline_model_parallel_size=1,
+        layernorm_epsilon=config.layer_norm_eps, hidden_dropout=config.hidden_dropout_prob,
+        attention_dropout=config.attention_probs_dropout_prob, init_method_std=config.initializer_range,
+        tokenizer_type="BertWordPieceLowerCase" if config.do_lower_case else "BertWordPieceCase",
+        # MLP tanh-GELU with an erf LM head is Megatron's fused bias-GELU; tanh in both is --openai-gelu.
+        openai_gelu=mlp_tanh and head_tanh, bias_gelu_fusion=mlp_tanh and not head_tanh, onnx_safe=None,
+        bert_binary_head=binary_head, num_tokentypes=config.type_vocab_size if binary_head else 0,
+        add_position_embedding=True, position_embedding_type="learned_absolute", swiglu=False, squared_relu=False,
+    )
+
+
+def _split(array: np.ndarray, kind: Optional[str], rank: int, degree: int) -> np.ndarray:
+    """One rank's shard of a full tensor in torch layout (``row``: input dim 1; others dim 0)."""
+    if kind is None or degree == 1:
+        return array
+    axis = 1 if kind == "row" else 0
+    return np.split(array, degree, axis=axis)[rank]
+
+
+def write_megatron_checkpoint(directory: str, config: MegatronBertConfig, state: Dict[str, np.ndarray],
+                              tensor_parallel_degree: int, raw_vocab_size: int, dtype: str,
+                              notes: List[str]) -> Dict[str, str]:
+    """Write ``directory/release/mp_rank_XX/model_optim_rng.pt`` for each of ``tensor_parallel_degree``
+    ranks and ``latest_checkpointed_iteration.txt``: Megatron-LM's legacy BERT layout, checkpoint_version
+    3.0, vocab re-padded to a multiple of 128 x TP. ``state`` holds our full tensors (Paddle layout).
+    Returns our name -> Megatron name for the report."""
+    import torch
+
+    tp = tensor_parallel_degree
+    for name in ("num_attention_heads", "intermediate_size"):
+        value = getattr(config, name)
+        if value % tp:
+            raise ValueError(f"{name}={value} does not split over {tp} tensor-parallel ranks")
+    if "cls.predictions.decoder_weight" in state:
+        raise ValueError("Megatron-LM's BERT ties the LM decoder to the word embeddings; this model has a separate "
+                         "decoder (tie_word_embeddings=False) and cannot be written as a Megatron checkpoint")
+    needed = [n for n in _GLOBAL_TO_MEGATRON if n.startswith(("bert.embeddings", "bert.encoder", "cls.predictions"))]
+    missing = [n for n in needed if n not in state]
+    if missing:
+        raise ValueError(f"a Megatron BERT checkpoint needs the embeddings, encoder and LM head; the source lacks "
+                         f"{len(missing)} of them: {', '.join(missing[:6])}")
+    binary_head = "cls.seq_relationship.weight" in state and "bert.pooler.dense.weight" in state
+    dropped = [n for n in state if not (n in _GLOBAL_TO_MEGATRON or n.startswith("bert.encoder.layer."))]
+    if dropped:
+        notes.append(f"not part of a Megatron BERT, left out: {', '.join(sorted(dropped))}")
+    vocab = padded_vocab_size(raw_vocab_size, tp)
+    rows = config.vocab_size
+    if vocab != rows:
+        notes.append(f"vocab re-padded for TP={tp}: {rows} -> {vocab} rows (raw vocab {raw_vocab_size}, "
+                     f"multiple of {128 * tp})")
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    heads, head_dim = config.num_attention_heads // tp, config.head_dim
+    names: Dict[str, str] = {}
+
+    def megatron_tensor(full: np.ndarray, name: str) -> np.ndarray:
+        """Ours (Paddle layout, our vocab rows) -> Megatron's full tensor (torch layout, re-padded vocab)."""
+        if full.ndim == 2 and ".embeddings." not in name:
+            full = full.T
+        if name in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias"):
+            kept = full[: min(rows, vocab)]
+            full = np.concatenate([kept, np.zeros((vocab - kept.shape[0],) + full.shape[1:], full.dtype)])
+        return full
+
+    def torch_tensor(array):
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(torch_dtype)
+
+    for rank in range(tp):
+        model: Dict[str, Any] = {"language_model": {"embedding": {}, "encoder": {}}, "lm_head": {}}
+        for name, (path, kind) in _GLOBAL_TO_MEGATRON.items():
+            if name not in state or (not binary_head and name.startswith(("bert.pooler", "cls.seq_relationship"))):
+                continue
+            node = model
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = torch_tensor(_split(megatron_tensor(state[name], name), kind, rank, tp))
+            names[name] = "model." + ".".join(path)
+        encoder = model["language_model"]["encoder"]
+        for i in range(config.num_hidden_layers):
+            ours = f"bert.encoder.layer.{i}."
+            for param in ("weight", "bias"):
+                q, k, v = (megatron_tensor(state[f"{ours}attention.self.{x}.{param}"], "qkv")
+                           for x in ("query", "key", "value"))
+                q, k, v = (_split(x, "column", rank, tp) for x in (q, k, v))
+                target = f"layers.{i}.self_attention.query_key_value.{param}"
+                encoder[target] = torch_tensor(fuse_qkv(q, k, v, EXPORT_CHECKPOINT_VERSION, heads, head_dim))
+                for x in ("query", "key", "value"):
+                    names[f"{ours}attention.self.{x}.{param}"] = f"model.language_model.encoder.{target}"
+                for part, (megatron_name, kind) in _LAYER_TO_MEGATRON.items():
+                    split_kind = kind if (kind == "column" or param == "weight") else None
+                    full = megatron_tensor(state[f"{ours}{part}.{param}"], part)
+                    encoder[f"layers.{i}.{megatron_name}.{param}"] = torch_tensor(_split(full, split_kind, rank, tp))
+                    names[f"{ours}{part}.{param}"] = f"model.language_model.encoder.layers.{i}.{megatron_name}.{param}"
+        checkpoint = {"model": model, "checkpoint_version": EXPORT_CHECKPOINT_VERSION, "iteration": 0,
+                      "args": megatron_args_for(config, tp, vocab, binary_head)}
+        path = os.path.join(directory, "release", f"mp_rank_{rank:02d}", "model_optim_rng.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(checkpoint, path)
+        del checkpoint, model
+    with open(os.path.join(directory, "latest_checkpointed_iteration.txt"), "w", encoding="utf-8") as f:
+        f.write("release")
+    suffix = f" (split over {tp} ranks)" if tp > 1 else ""
+    return {ours: theirs + suffix for ours, theirs in names.items()}

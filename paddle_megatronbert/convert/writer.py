@@ -1,6 +1,7 @@
-"""Writing a converted checkpoint as a Paddle model directory that ``MegatronBertFor*.from_pretrained`` loads.
+"""Writing a converted checkpoint: a Paddle model directory that ``MegatronBertFor*.from_pretrained`` loads,
+or, for export, an HF directory or Megatron-LM shards.
 
-The directory is built under a temporary name beside DST and renamed at the end, so a failed conversion
+The output is built under a temporary name beside DST and renamed at the end, so a failed conversion
 leaves no half-written DST. Tensors are cast to the output dtype as they arrive from the reader, so the
 converted model is the only full copy in memory.
 """
@@ -19,7 +20,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..modeling import WEIGHTS_NAME
-from .megatron import MegatronCheckpoint, zip_vocab_member
+from .hf import hf_config_dict, to_hf_tensors
+from .megatron import MegatronCheckpoint, padded_vocab_size, write_megatron_checkpoint, zip_vocab_member
+from .tensor_files import write_safetensors
 from .torch_checkpoints import Checkpoint, open_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -113,23 +116,41 @@ def check_vocab_fits(vocab_path: str, vocab_tokens: int, embedding_rows: int, te
     return message + "; pass --allow_vocab_mismatch to keep it anyway"
 
 
-def _write_tokenizer(target_dir: str, vocab_path: str, config) -> None:
+def _write_tokenizer(target_dir: str, vocab_path: str, config, to: str) -> None:
     shutil.copyfile(vocab_path, os.path.join(target_dir, "vocab.txt"))
+    if to == "megatron":  # Megatron-LM takes the vocab as --vocab-file; its casing is in args.tokenizer_type
+        return
     tokenizer_config = {"do_lower_case": bool(config.do_lower_case), "model_max_length": config.max_position_embeddings,
-                        "tokenizer_class": "MegatronBertTokenizer"}
+                        "tokenizer_class": "MegatronBertTokenizer" if to == "paddle" else "BertTokenizer"}
     with open(os.path.join(target_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer_config, f, indent=2)
         f.write("\n")
 
 
-def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None, dtype: str = "float32",
-                       vocab_file: Optional[str] = None, overwrite: bool = False,
-                       num_attention_heads: Optional[int] = None, allow_vocab_mismatch: bool = False) -> Dict[str, Any]:
-    """Convert an HF or Megatron-LM checkpoint (see ``open_checkpoint``) into the Paddle model directory
-    ``destination``: ``config.json``, ``model_state.pdparams``, ``vocab.txt`` + ``tokenizer_config.json``
-    when a vocab is known, and ``conversion_report.json``. Returns the report."""
+TARGETS = ("paddle", "hf", "megatron")
+
+
+def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None, to: str = "paddle",
+                       dtype: str = "float32", vocab_file: Optional[str] = None, overwrite: bool = False,
+                       num_attention_heads: Optional[int] = None, allow_vocab_mismatch: bool = False,
+                       tensor_parallel_degree: int = 1, verify: bool = False) -> Dict[str, Any]:
+    """Convert a checkpoint (HF, Megatron-LM or one of our Paddle directories, see ``open_checkpoint``)
+    into ``destination``, written whole or not at all, and return the conversion report.
+
+    ``to="paddle"``: ``config.json`` + ``model_state.pdparams``; ``"hf"``: ``config.json`` +
+    ``model.safetensors`` for ``transformers``; ``"megatron"``: ``release/mp_rank_XX/model_optim_rng.pt``
+    for ``tensor_parallel_degree`` ranks + ``latest_checkpointed_iteration.txt``. Beside them ``vocab.txt``
+    (and ``tokenizer_config.json``) when a vocab is known, and ``conversion_report.json``. ``verify``
+    runs a probe batch through the source in its own framework and through the result (needs torch and
+    transformers; HF <-> Paddle only).
+    """
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+    if to not in TARGETS:
+        raise ValueError(f"unknown target {to!r}; choose one of {TARGETS}")
+    if tensor_parallel_degree < 1 or (tensor_parallel_degree > 1 and to != "megatron"):
+        raise ValueError(f"tensor_parallel_degree={tensor_parallel_degree}: shards are written only for "
+                         "--to megatron (Paddle directories load at any TP degree as they are)")
     if vocab_file is not None and not os.path.isfile(vocab_file):
         raise FileNotFoundError(f"vocab file not found: {vocab_file}")
     destination = os.path.abspath(destination)
@@ -144,34 +165,39 @@ def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None
         started = time.time()
         checkpoint = open_checkpoint(source, kind, workdir, num_attention_heads)
         config = checkpoint.config
-        config.dtype = dtype
-        tp = getattr(checkpoint, "tensor_parallel_degree", 1)
+        notes = checkpoint.notes
 
         vocab_path = vocab_file or find_vocab_file(source, checkpoint, workdir)
         vocab_tokens = count_vocab(vocab_path) if vocab_path else None
         if vocab_path:
-            # HF configs do not say the TP degree the vocab was padded for: allow Megatron's largest usual (8).
-            padded_for = tp if isinstance(checkpoint, MegatronCheckpoint) else 8
+            # HF and Paddle configs do not say the TP degree the vocab was padded for: allow Megatron's usual 8.
+            padded_for = checkpoint.tensor_parallel_degree if checkpoint.kind == "megatron" else 8
             error = check_vocab_fits(vocab_path, vocab_tokens, config.vocab_size, padded_for, allow_vocab_mismatch)
             if error:
                 raise ValueError(error)
 
-        state, tensors = {}, []
-        for name, value, source_name in checkpoint.iter_tensors():
-            tensors.append({"source": source_name, "target": name, "shape": list(value.shape)})
-            state[name] = cast_tensor(value, dtype)
-            del value  # the float32 copy goes now; only the output dtype stays
-
-        save_state(state, os.path.join(partial, WEIGHTS_NAME))
-        del state
-        with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_string())
+        tensors = _write_weights(checkpoint, partial, to, dtype, tensor_parallel_degree, vocab_tokens)
+        if to == "megatron":
+            config.vocab_size = padded_vocab_size(vocab_tokens or config.vocab_size, tensor_parallel_degree)
+        config.dtype = dtype
+        if to == "paddle":
+            with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_string())
+        elif to == "hf":
+            with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(hf_config_dict(config, notes), f, indent=2)
+                f.write("\n")
         if vocab_path:
-            _write_tokenizer(partial, vocab_path, config)
+            _write_tokenizer(partial, vocab_path, config, to)
         else:
-            checkpoint.notes.append("no vocab file found: pass --vocab_file, or use "
-                                    "MegatronBertTokenizer.from_pretrained('megatronbert-cased'/'-uncased')")
-        report = _report(source, checkpoint, dtype, vocab_path, vocab_tokens, tensors, time.time() - started)
+            notes.append("no vocab file found: pass --vocab_file to ship one with the weights (the registered "
+                         "vocabs: MegatronBertTokenizer.from_pretrained('megatronbert-cased'/'-uncased'))")
+        report = _report(source, checkpoint, to, dtype, vocab_path, vocab_tokens, tensors, tensor_parallel_degree)
+        if verify:
+            from .verify import verify_conversion
+
+            report["verify"] = verify_conversion(source, checkpoint, partial, to)
+        report["seconds"] = round(time.time() - started, 2)
         with open(os.path.join(partial, REPORT_NAME), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
@@ -182,6 +208,34 @@ def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _write_weights(checkpoint: Checkpoint, directory: str, to: str, dtype: str, tensor_parallel_degree: int,
+                   vocab_tokens: Optional[int]) -> List[Dict]:
+    """Convert tensor by tensor into the target's layout and write it; returns the report's tensor list."""
+    config, tensors, state = checkpoint.config, [], {}
+    for name, value, source_name in checkpoint.iter_tensors():
+        entry = {"source": source_name, "target": name, "shape": list(value.shape)}
+        if to == "paddle":
+            state[name] = cast_tensor(value, dtype)  # the float32 copy goes now; only the output dtype stays
+        elif to == "hf":
+            hf = to_hf_tensors(name, value, config)
+            state.update(hf)
+            entry["target"], entry["shape"] = hf[0][0], list(hf[0][1].shape)
+        else:
+            state[name] = value
+        tensors.append(entry)
+        del value
+    if to == "paddle":
+        save_state(state, os.path.join(directory, WEIGHTS_NAME))
+    elif to == "hf":
+        write_safetensors(state, os.path.join(directory, "model.safetensors"), {"format": "pt"}, dtype=dtype)
+    else:
+        names = write_megatron_checkpoint(directory, config, state, tensor_parallel_degree,
+                                          vocab_tokens or config.vocab_size, dtype, checkpoint.notes)
+        for entry in tensors:
+            entry["target"] = names.get(entry["target"], f"(left out) {entry['target']}")
+    return tensors
 
 
 def _replace_directory(new: str, destination: str) -> None:
@@ -195,22 +249,23 @@ def _replace_directory(new: str, destination: str) -> None:
     shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-def _report(source, checkpoint: Checkpoint, dtype, vocab_path, vocab_tokens, tensors: List[Dict], seconds) -> Dict:
+def _report(source, checkpoint: Checkpoint, to, dtype, vocab_path, vocab_tokens, tensors: List[Dict],
+            tensor_parallel_degree) -> Dict:
     config = checkpoint.config
-    is_megatron = isinstance(checkpoint, MegatronCheckpoint)
     return {
         "source": os.path.abspath(source),
-        "source_kind": "megatron" if is_megatron else "hf",
-        "checkpoint_version": checkpoint.checkpoint_version if is_megatron else None,
-        "naming": checkpoint.shards[0].generation if is_megatron else "hf",
-        "tensor_parallel_degree": checkpoint.tensor_parallel_degree if is_megatron else 1,
-        "read_with": sorted({s.load_path for s in checkpoint.shards}) if is_megatron else [checkpoint.load_path],
+        "source_kind": checkpoint.kind,
+        "target_kind": to,
+        "checkpoint_version": checkpoint.checkpoint_version,
+        "naming": checkpoint.naming,
+        "tensor_parallel_degree": checkpoint.tensor_parallel_degree,
+        "target_tensor_parallel_degree": tensor_parallel_degree,
+        "read_with": checkpoint.read_with,
         "dtype": dtype,
-        "vocab": {"embedding_rows": config.vocab_size, "vocab_file": vocab_path, "vocab_file_tokens": vocab_tokens,
-                  "do_lower_case": config.do_lower_case},
+        "vocab": {"raw": vocab_tokens, "padded": config.vocab_size, "vocab_file": vocab_path,
+                  "casing": "uncased" if config.do_lower_case else "cased"},
         "activations": {"hidden_act": config.hidden_act, "lm_head_act": config.lm_head_act or config.hidden_act},
         "layer_norm_eps": config.layer_norm_eps,
         "notes": list(checkpoint.notes),
-        "seconds": round(seconds, 2),
         "tensors": tensors,
     }

@@ -15,7 +15,6 @@ Batches are dicts of numpy arrays named as ``MegatronBertForPreTraining.forward`
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -199,7 +198,6 @@ class PretrainingDataLoader:
         self.epoch, self.batches_in_epoch = 0, 0
         self._cache: Dict[str, Dict[str, np.ndarray]] = {}
         self._pending: Dict[str, object] = {}
-        self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") if prefetch else None
 
     # ---- order ------------------------------------------------------------------------------------

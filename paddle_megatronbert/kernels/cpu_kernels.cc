@@ -23,24 +23,16 @@ namespace {
 using Tensor = paddle::Tensor;
 
 // ---- math that the compiler can vectorise (std::exp / std::erf calls block vectorisation) ----------
-inline float bits_to_float(int32_t bits) {
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
+inline float bits_to_float(int32_t bits) { return __builtin_bit_cast(float, bits); }
 
-inline int32_t float_to_bits(float value) {
-  int32_t out;
-  std::memcpy(&out, &value, sizeof(out));
-  return out;
-}
+inline int32_t float_to_bits(float value) { return __builtin_bit_cast(int32_t, value); }
 
 // exp(x), Cephes' expf: range reduction by ln 2 and a degree-6 polynomial; relative error ~1e-7.
 inline float fast_exp(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // not std::fmin/fmax: those block vectorisation
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
   float shifted = x * 1.44269504088896341f + round_magic;
-  const int32_t k = float_to_bits(shifted) - float_to_bits(round_magic);
+  const int32_t k = float_to_bits(shifted) - 0x4B400000;  // the bits of round_magic
   const float kf = shifted - round_magic;
   float r = x - kf * 0.693359375f;
   r = r + kf * 2.12194440e-4f;
@@ -73,13 +65,15 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kTanhCubic = 0.044715f;
 
-inline float gelu(float z, bool approximate) {
-  if (approximate) return 0.5f * z * (1.0f + fast_tanh(kSqrt2OverPi * (z + kTanhCubic * z * z * z)));
+template <bool kApproximate>
+inline float gelu(float z) {
+  if (kApproximate) return 0.5f * z * (1.0f + fast_tanh(kSqrt2OverPi * (z + kTanhCubic * z * z * z)));
   return 0.5f * z * (1.0f + fast_erf(z * kSqrtHalf));
 }
 
-inline float gelu_grad(float z, bool approximate) {
-  if (approximate) {
+template <bool kApproximate>
+inline float gelu_grad(float z) {
+  if (kApproximate) {
     const float t = fast_tanh(kSqrt2OverPi * (z + kTanhCubic * z * z * z));
     return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * z * z);
   }
@@ -134,11 +128,171 @@ struct ColumnSums {
   }
 };
 
+// ---- row kernels: one row each, every pointer a local __restrict argument so the compiler vectorises
+// (pointers captured by an OpenMP region are reloaded through its shared struct and block vectorisation).
+
+// out = (x - mean) * rstd * w + b; returns (mean, rstd).
+inline void layer_norm_row(const float* __restrict x, const float* __restrict w, const float* __restrict b,
+                           float* __restrict out, int64_t n, float epsilon, float* mean_out, float* rstd_out) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += x[j];
+  const float mean = sum / n;
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < n; ++j) sq += (x[j] - mean) * (x[j] - mean);
+  const float rstd = 1.0f / std::sqrt(sq / n + epsilon);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = (x[j] - mean) * rstd * w[j] + b[j];
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)); accumulates dw += g*xhat, db += g.
+inline void layer_norm_grad_row(const float* __restrict x, const float* __restrict w, const float* __restrict g,
+                                float* __restrict dx, double* __restrict acc_w, double* __restrict acc_b, int64_t n,
+                                float mean, float rstd) {
+  float mean_g = 0.0f, mean_gx = 0.0f;
+#pragma omp simd reduction(+ : mean_g, mean_gx)
+  for (int64_t j = 0; j < n; ++j) {
+    const float xhat = (x[j] - mean) * rstd;
+    const float gw = g[j] * w[j];
+    mean_g += gw;
+    mean_gx += gw * xhat;
+  }
+  mean_g /= n;
+  mean_gx /= n;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float xhat = (x[j] - mean) * rstd;
+    dx[j] = rstd * (g[j] * w[j] - mean_g - xhat * mean_gx);
+    acc_w[j] += static_cast<double>(g[j] * xhat);
+    acc_b[j] += static_cast<double>(g[j]);
+  }
+}
+
+template <bool kApproximate>
+inline void bias_gelu_row(const float* __restrict x, const float* __restrict b, float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = gelu<kApproximate>(x[j] + b[j]);
+}
+
+template <bool kApproximate>
+inline void bias_gelu_grad_row(const float* __restrict x, const float* __restrict b, const float* __restrict g,
+                               float* __restrict dx, double* __restrict acc, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = g[j] * gelu_grad<kApproximate>(x[j] + b[j]);
+    dx[j] = d;
+    acc[j] += static_cast<double>(d);
+  }
+}
+
+inline void bias_add_row(const float* __restrict x, const float* __restrict b, float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = x[j] + b[j];
+}
+
+// dx = g (a copy), acc += g.
+inline void copy_and_sum_row(const float* __restrict g, float* __restrict dx, double* __restrict acc, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    dx[j] = g[j];
+    acc[j] += static_cast<double>(g[j]);
+  }
+}
+
+// out = residual + (x + b) * keep / (1 - p); `first` is the flat index of the row's first element.
+inline void bias_dropout_add_row(const float* __restrict x, const float* __restrict b, const float* __restrict res,
+                                 float* __restrict out, int64_t n, Dropout dropout, uint32_t first) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = res[j] + (x[j] + b[j]) * dropout.scale(first + static_cast<uint32_t>(j));
+}
+
+inline void bias_add_residual_row(const float* __restrict x, const float* __restrict b, const float* __restrict res,
+                                  float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = res[j] + x[j] + b[j];
+}
+
+// dx = g * keep / (1 - p), dres = g, acc += dx.
+inline void bias_dropout_add_grad_row(const float* __restrict g, float* __restrict dx, float* __restrict dres,
+                                      double* __restrict acc, int64_t n, Dropout dropout, uint32_t first) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = g[j] * dropout.scale(first + static_cast<uint32_t>(j));
+    dx[j] = d;
+    dres[j] = g[j];
+    acc[j] += static_cast<double>(d);
+  }
+}
+
+// probs = softmax(scale * s + mask). The mask row is one value per key (kMaskPerKey) or one value for all.
+template <bool kMaskPerKey>
+inline void softmax_row(const float* __restrict s, const float* __restrict m, float* __restrict probs, int64_t n,
+                        float scale) {
+  const float m0 = m[0];
+  float mx = -3.0e38f;
+#pragma omp simd reduction(max : mx)
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = s[k] * scale + (kMaskPerKey ? m[k] : m0);
+    mx = v > mx ? v : mx;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) {
+    const float e = fast_exp(s[k] * scale + (kMaskPerKey ? m[k] : m0) - mx);
+    probs[k] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) probs[k] *= inv;
+}
+
+inline void dropout_row(const float* __restrict p, float* __restrict out, int64_t n, Dropout dropout, uint32_t first) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = p[k] * dropout.scale(first + static_cast<uint32_t>(k));
+}
+
+// ds = scale * p * (dp - sum(dp * p)), with dp = g (no dropout) or g * keep / (1 - p).
+template <bool kDropout>
+inline void softmax_grad_row(const float* __restrict p, const float* __restrict g, float* __restrict ds, int64_t n,
+                             float scale, Dropout dropout, uint32_t first) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t k = 0; k < n; ++k) {
+    const float dp = kDropout ? g[k] * dropout.scale(first + static_cast<uint32_t>(k)) : g[k];
+    dot += dp * p[k];
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float dp = kDropout ? g[k] * dropout.scale(first + static_cast<uint32_t>(k)) : g[k];
+    ds[k] = scale * p[k] * (dp - dot);
+  }
+}
+
+// acc += g.
+inline void add_row(const float* __restrict g, double* __restrict acc, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<double>(g[j]);
+}
+
+// One head's row: dst[d] = src[d] (+ bias[d]).
+inline void copy_row(const float* __restrict src, const float* __restrict bias, float* __restrict dst, int64_t n) {
+  if (bias != nullptr) {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = src[d] + bias[d];
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = src[d];
+  }
+}
+
 }  // namespace
 
 // ================================================================================================
-// LayerNorm over the last dim: out = (x - mean) * rstd * weight + bias. Mean and Rstd are kept for the
-// backward pass.
+// LayerNorm over the last dim. Mean and Rstd are outputs kept for the backward pass.
 std::vector<Tensor> LayerNormForward(const Tensor& x, const Tensor& weight, const Tensor& bias, float epsilon) {
   check_float32(x, "x");
   const int64_t cols = last_dim(x), rows = x.numel() / cols;
@@ -149,22 +303,7 @@ std::vector<Tensor> LayerNormForward(const Tensor& x, const Tensor& weight, cons
   const float *xp = x.data<float>(), *w = weight.data<float>(), *b = bias.data<float>();
   float *op = out.data<float>(), *mp = mean.data<float>(), *rp = rstd.data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* row = xp + i * cols;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) sum += row[j];
-    const float mu = sum / cols;
-    float sq = 0.0f;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t j = 0; j < cols; ++j) sq += (row[j] - mu) * (row[j] - mu);
-    const float r = 1.0f / std::sqrt(sq / cols + epsilon);
-    float* o = op + i * cols;
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) o[j] = (row[j] - mu) * r * w[j] + b[j];
-    mp[i] = mu;
-    rp[i] = r;
-  }
+  for (int64_t i = 0; i < rows; ++i) layer_norm_row(xp + i * cols, w, b, op + i * cols, cols, epsilon, mp + i, rp + i);
   return {out, mean, rstd};
 }
 
@@ -182,28 +321,8 @@ std::vector<Tensor> LayerNormBackward(const Tensor& x, const Tensor& weight, con
   {
     double *acc_w = sum_w.local(), *acc_b = sum_b.local();
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; ++i) {
-      const float *row = xp + i * cols, *g = gp + i * cols;
-      const float mu = mp[i], r = rp[i];
-      float mean_g = 0.0f, mean_gx = 0.0f;  // means of g*w and of g*w*xhat
-#pragma omp simd reduction(+ : mean_g, mean_gx)
-      for (int64_t j = 0; j < cols; ++j) {
-        const float xhat = (row[j] - mu) * r;
-        const float gw = g[j] * w[j];
-        mean_g += gw;
-        mean_gx += gw * xhat;
-        acc_w[j] += static_cast<double>(g[j] * xhat);
-        acc_b[j] += static_cast<double>(g[j]);
-      }
-      mean_g /= cols;
-      mean_gx /= cols;
-      float* out = gx + i * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) {
-        const float xhat = (row[j] - mu) * r;
-        out[j] = r * (g[j] * w[j] - mean_g - xhat * mean_gx);
-      }
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      layer_norm_grad_row(xp + i * cols, w, gp + i * cols, gx + i * cols, acc_w, acc_b, cols, mp[i], rp[i]);
   }
   sum_w.write(grad_w.data<float>());
   sum_b.write(grad_b.data<float>());
@@ -221,10 +340,11 @@ std::vector<Tensor> BiasGeluForward(const Tensor& x, const Tensor& bias, bool ap
   float* op = out.data<float>();
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
-    const float* row = xp + i * cols;
-    float* o = op + i * cols;
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) o[j] = gelu(row[j] + b[j], approximate);
+    if (approximate) {
+      bias_gelu_row<true>(xp + i * cols, b, op + i * cols, cols);
+    } else {
+      bias_gelu_row<false>(xp + i * cols, b, op + i * cols, cols);
+    }
   }
   return {out};
 }
@@ -241,13 +361,10 @@ std::vector<Tensor> BiasGeluBackward(const Tensor& x, const Tensor& bias, const 
     double* acc = sums.local();
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
-      const float *row = xp + i * cols, *g = gp + i * cols;
-      float* out = gx + i * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) {
-        const float d = g[j] * gelu_grad(row[j] + b[j], approximate);
-        out[j] = d;
-        acc[j] += static_cast<double>(d);
+      if (approximate) {
+        bias_gelu_grad_row<true>(xp + i * cols, b, gp + i * cols, gx + i * cols, acc, cols);
+      } else {
+        bias_gelu_grad_row<false>(xp + i * cols, b, gp + i * cols, gx + i * cols, acc, cols);
       }
     }
   }
@@ -265,10 +382,7 @@ std::vector<Tensor> BiasAddForward(const Tensor& x, const Tensor& bias) {
   const float *xp = x.data<float>(), *b = bias.data<float>();
   float* op = out.data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) op[i * cols + j] = xp[i * cols + j] + b[j];
-  }
+  for (int64_t i = 0; i < rows; ++i) bias_add_row(xp + i * cols, b, op + i * cols, cols);
   return {out};
 }
 
@@ -283,13 +397,7 @@ std::vector<Tensor> BiasAddBackward(const Tensor& bias, const Tensor& grad_out) 
   {
     double* acc = sums.local();
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; ++i) {
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) {
-        gx[i * cols + j] = gp[i * cols + j];
-        acc[j] += static_cast<double>(gp[i * cols + j]);
-      }
-    }
+    for (int64_t i = 0; i < rows; ++i) copy_and_sum_row(gp + i * cols, gx + i * cols, acc, cols);
   }
   sums.write(grad_b.data<float>());
   return {grad_x, grad_b};
@@ -313,12 +421,9 @@ std::vector<Tensor> BiasDropoutAddForward(const Tensor& x, const Tensor& bias, c
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t base = i * cols;
     if (drop) {
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j)
-        op[base + j] = rp[base + j] + (xp[base + j] + b[j]) * dropout.scale(static_cast<uint32_t>(base + j));
+      bias_dropout_add_row(xp + base, b, rp + base, op + base, cols, dropout, static_cast<uint32_t>(base));
     } else {
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) op[base + j] = rp[base + j] + xp[base + j] + b[j];
+      bias_add_residual_row(xp + base, b, rp + base, op + base, cols);
     }
   }
   return {out};
@@ -332,7 +437,6 @@ std::vector<Tensor> BiasDropoutAddBackward(const Tensor& bias, const Tensor& gra
   const float* gp = grad_out.data<float>();
   float *gx = grad_x.data<float>(), *gr = grad_residual.data<float>();
   const Dropout dropout(dropout_p, seed);
-  const bool drop = dropout_p > 0.0f;
   ColumnSums sums(cols);
 #pragma omp parallel
   {
@@ -340,14 +444,7 @@ std::vector<Tensor> BiasDropoutAddBackward(const Tensor& bias, const Tensor& gra
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t base = i * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) {
-        const float g = gp[base + j];
-        const float d = drop ? g * dropout.scale(static_cast<uint32_t>(base + j)) : g;
-        gx[base + j] = d;
-        gr[base + j] = g;
-        acc[j] += static_cast<double>(d);
-      }
+      bias_dropout_add_grad_row(gp + base, gx + base, gr + base, acc, cols, dropout, static_cast<uint32_t>(base));
     }
   }
   sums.write(grad_b.data<float>());
@@ -362,7 +459,9 @@ namespace {
 struct MaskIndex {
   const float* data;
   int64_t stride[4];
-  MaskIndex(const Tensor& mask, const std::vector<int64_t>& shape) : data(mask.data<float>()) {
+  int64_t heads, queries;
+  MaskIndex(const Tensor& mask, const std::vector<int64_t>& shape)
+      : data(mask.data<float>()), heads(shape[1]), queries(shape[2]) {
     const auto& m = mask.shape();
     PD_CHECK(m.size() == 4, "attention mask must be 4-D (broadcastable to [B, heads, Sq, Sk])");
     int64_t running = 1;
@@ -372,38 +471,19 @@ struct MaskIndex {
       running *= m[d];
     }
   }
+  bool per_key() const { return stride[3] != 0; }
   // The mask row of scores row `row` (a flat index over B * heads * Sq).
-  const float* row_ptr(int64_t row, const std::vector<int64_t>& shape) const {
-    const int64_t q = row % shape[2], bh = row / shape[2];
-    const int64_t h = bh % shape[1], b = bh / shape[1];
-    return data + b * stride[0] + h * stride[1] + q * stride[2];
+  const float* row(int64_t row) const {
+    const int64_t q = row % queries, bh = row / queries;
+    return data + (bh / heads) * stride[0] + (bh % heads) * stride[1] + q * stride[2];
   }
 };
 
-// probs[row] = softmax(scale * s + mask), written to `out`. The mask row is either one value per key
-// (kMaskPerKey) or a single value broadcast over the keys.
-template <bool kMaskPerKey>
-inline void softmax_row_impl(const float* s, const float* m, int64_t n, float scale, float* out) {
-  float mx = -3.0e38f;
-#pragma omp simd reduction(max : mx)
-  for (int64_t k = 0; k < n; ++k) mx = std::fmax(mx, s[k] * scale + (kMaskPerKey ? m[k] : m[0]));
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < n; ++k) {
-    const float e = fast_exp(s[k] * scale + (kMaskPerKey ? m[k] : m[0]) - mx);
-    out[k] = e;
-    sum += e;
-  }
-  const float inv = 1.0f / sum;
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) out[k] *= inv;
-}
-
-inline void softmax_row(const float* s, const float* m, int64_t mask_key_stride, int64_t n, float scale, float* out) {
-  if (mask_key_stride == 1) {
-    softmax_row_impl<true>(s, m, n, scale, out);
+inline void masked_softmax_row(const MaskIndex& mask, int64_t i, const float* s, float* probs, int64_t n, float scale) {
+  if (mask.per_key()) {
+    softmax_row<true>(s, mask.row(i), probs, n, scale);
   } else {
-    softmax_row_impl<false>(s, m, n, scale, out);
+    softmax_row<false>(s, mask.row(i), probs, n, scale);
   }
 }
 
@@ -419,26 +499,18 @@ std::vector<Tensor> MaskedSoftmaxForward(const Tensor& scores, const Tensor& mas
   const float* sp = scores.data<float>();
   float* op = out.data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < rows; ++i)
-    softmax_row(sp + i * n, mask_index.row_ptr(i, shape), mask_index.stride[3], n, scale, op + i * n);
+  for (int64_t i = 0; i < rows; ++i) masked_softmax_row(mask_index, i, sp + i * n, op + i * n, n, scale);
   return {out};
 }
 
-// d scores = scale * p * (dp - sum(dp * p)), where dp is the gradient of the probabilities.
 std::vector<Tensor> MaskedSoftmaxBackward(const Tensor& out, const Tensor& grad_out, float scale) {
   const int64_t n = last_dim(out), rows = out.numel() / n;
   Tensor grad_scores = paddle::empty(out.shape(), out.dtype(), out.place());
   const float *pp = out.data<float>(), *gp = grad_out.data<float>();
   float* gs = grad_scores.data<float>();
+  const Dropout no_dropout(0.0f, 0);
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-    const float *p = pp + i * n, *g = gp + i * n;
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t k = 0; k < n; ++k) dot += g[k] * p[k];
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) gs[i * n + k] = scale * p[k] * (g[k] - dot);
-  }
+  for (int64_t i = 0; i < rows; ++i) softmax_grad_row<false>(pp + i * n, gp + i * n, gs + i * n, n, scale, no_dropout, 0);
   return {grad_scores};
 }
 
@@ -457,10 +529,8 @@ std::vector<Tensor> MaskedSoftmaxDropoutForward(const Tensor& scores, const Tens
   const Dropout dropout(dropout_p, seed);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
-    float* p = pp + i * n;
-    softmax_row(sp + i * n, mask_index.row_ptr(i, shape), mask_index.stride[3], n, scale, p);
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) op[i * n + k] = p[k] * dropout.scale(static_cast<uint32_t>(i * n + k));
+    masked_softmax_row(mask_index, i, sp + i * n, pp + i * n, n, scale);
+    dropout_row(pp + i * n, op + i * n, n, dropout, static_cast<uint32_t>(i * n));
   }
   return {out, probs};
 }
@@ -473,18 +543,8 @@ std::vector<Tensor> MaskedSoftmaxDropoutBackward(const Tensor& probs, const Tens
   float* gs = grad_scores.data<float>();
   const Dropout dropout(dropout_p, seed);
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-    const float *p = pp + i * n, *g = gp + i * n;
-    float* d = gs + i * n;
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t k = 0; k < n; ++k) {
-      d[k] = g[k] * dropout.scale(static_cast<uint32_t>(i * n + k));  // gradient of the pre-dropout probs
-      dot += d[k] * p[k];
-    }
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) d[k] = scale * p[k] * (d[k] - dot);
-  }
+  for (int64_t i = 0; i < rows; ++i)
+    softmax_grad_row<true>(pp + i * n, gp + i * n, gs + i * n, n, scale, dropout, static_cast<uint32_t>(i * n));
   return {grad_scores};
 }
 
@@ -503,12 +563,9 @@ void permute_heads(const float* src, float* dst, const float* bias, int64_t batc
         const int64_t flat = (b * seq + s) * hidden + h * head_dim;
         const int64_t split = ((b * heads + h) * seq + s) * head_dim;
         if (to_heads) {
-          const float* bh = bias ? bias + h * head_dim : nullptr;
-#pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) dst[split + d] = src[flat + d] + (bh ? bh[d] : 0.0f);
+          copy_row(src + flat, bias ? bias + h * head_dim : nullptr, dst + split, head_dim);
         } else {
-#pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) dst[flat + d] = src[split + d];
+          copy_row(src + split, nullptr, dst + flat, head_dim);
         }
       }
     }
@@ -540,10 +597,7 @@ std::vector<Tensor> BiasSplitHeadsBackward(const Tensor& bias, const Tensor& gra
   {
     double* acc = sums.local();
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; ++i) {
-#pragma omp simd
-      for (int64_t j = 0; j < hidden; ++j) acc[j] += static_cast<double>(gx[i * hidden + j]);
-    }
+    for (int64_t i = 0; i < rows; ++i) add_row(gx + i * hidden, acc, hidden);
   }
   sums.write(grad_b.data<float>());
   return {grad_x, grad_b};

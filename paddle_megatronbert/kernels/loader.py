@@ -113,6 +113,7 @@ def _build(build_dir: str) -> None:
 
     from paddle.utils import cpp_extension
 
+    logger.info("building the custom CPU kernels once into %s (about 30 s)", build_dir)
     os.makedirs(build_dir, exist_ok=True)
     log = io.StringIO()
     # cpp_extension prints progress to stdout: keep it out of the user's output unless the build fails.
