@@ -26,6 +26,7 @@ setup_cpu_threads()  # before paddle is imported (it pins OMP to 1 thread otherw
 from paddle_megatronbert.finetune import (  # noqa: E402
     BEST_MODEL_DIR,
     add_finetune_arguments,
+    check_model_fits,
     finetune,
     iterate_batches,
     pad_batch,
@@ -78,6 +79,7 @@ def main(argv=None):
     model = MegatronBertForSequenceClassification.from_pretrained(
         args.model_name_or_path, num_labels=task.num_labels, tensor_parallel_degree=topo.tp_degree
     )
+    check_model_fits(model.config, tokenizer, args.max_seq_length)
     label_dtype = "float32" if task.is_regression else "int64"
     pad_id = tokenizer.pad_token_id
 

@@ -25,6 +25,7 @@ setup_cpu_threads()  # before paddle is imported (it pins OMP to 1 thread otherw
 from paddle_megatronbert.finetune import (  # noqa: E402
     BEST_MODEL_DIR,
     add_finetune_arguments,
+    check_model_fits,
     finetune,
     iterate_batches,
     pad_batch,
@@ -99,6 +100,7 @@ def main(argv=None):
     dev_examples = load_examples(args.predict_file, "dev", args) if evaluates_here else None
     model = MegatronBertForQuestionAnswering.from_pretrained(args.model_name_or_path,
                                                              tensor_parallel_degree=topo.tp_degree)
+    check_model_fits(model.config, tokenizer, args.max_seq_length)
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, show_progress=show_progress)
     dev_features = build_squad_features(dev_examples, tokenizer, **window) if evaluates_here else None

@@ -8,6 +8,8 @@ Contestants, on identical shapes and batches (MLM on ``--masked`` positions per 
   torch       HF transformers MegatronBertForPreTraining, eager fp32, as its users run it (labels -> loss)
   torch-bf16  the same under torch.autocast(bfloat16), for reference
   torch-masked  HF's modules with the MLM head on the masked rows only (not in the default set)
+  paddlenlp-tuned  PaddleNLP with our process-level CPU settings (stride kernels off, MKL's AVX2 path on
+              AMD, freed memory kept in the heap): how much of our lead is settings, not code (not default)
 
 Each contestant lives in its own worker process: flags (Paddle's stride kernels), thread pools (Paddle's
 Intel OpenMP vs torch's GNU OpenMP) and peak memory stay separate. The driver asks the workers for one
@@ -40,7 +42,7 @@ CONFIGS = {
 }
 COMMON = dict(type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-5,
               hidden_act="gelu")
-TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16", "torch-masked")
+TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16", "torch-masked", "paddlenlp-tuned")
 DEFAULT_TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16")
 
 
@@ -159,12 +161,17 @@ def build_train_step(name, spec):
 
         return step
 
-    if name == "paddlenlp":
+    if name in ("paddlenlp", "paddlenlp-tuned"):
         paddle = _paddle_setup(spec)
         import numpy as np
         import paddle.nn.functional as F
         from paddlenlp.transformers import MegatronBertConfig, MegatronBertForPreTraining
 
+        if name == "paddlenlp-tuned":
+            sys.path.insert(0, REPO)
+            from paddle_megatronbert import ops
+
+            ops.use_fast_kernels(True)  # only its process settings act: PaddleNLP's code never calls our ops
         model = MegatronBertForPreTraining(MegatronBertConfig(**config))
         model.train()
         opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
@@ -362,6 +369,9 @@ def make_parser(models=TRAIN_MODELS, default_models=DEFAULT_TRAIN_MODELS, seq_le
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     parser.add_argument("--gap", type=float, default=0.3, help="seconds between two timed steps")
     parser.add_argument("--seed", type=int, default=0)
+    if train:
+        parser.add_argument("--profile", choices=("ours-fast", "ours-plain", "paddlenlp"),
+                            help="instead of timing, profile one step of this contestant (in this process)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     return parser
@@ -382,10 +392,54 @@ def parse_args(argv=None, parser=None, models=TRAIN_MODELS):
     return args
 
 
+def profile_step(name, spec, top=15):
+    """Where one step of a Paddle contestant spends its time: Paddle's profiler over one step after a
+    warm-up, operators grouped by name; GEMMs (matmul and its gradient) summed as a share of the step."""
+    import collections
+    import re
+    import tempfile
+
+    import paddle.profiler as profiler
+
+    step = build_train_step(name, spec)
+    step()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU],
+                                 on_trace_ready=profiler.export_chrome_tracing(trace_dir))
+        prof.start()
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+        prof.step()
+        prof.stop()
+        events = []
+        for file_name in os.listdir(trace_dir):
+            with open(os.path.join(trace_dir, file_name)) as f:
+                events += json.load(f)["traceEvents"]
+    per_op = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Operator":  # top-level ops and grad nodes (kernels nest inside them)
+            per_op[re.sub(r"\[.*$", "", event["name"]).strip()] += event["dur"] / 1e6
+    gemm = sum(t for op, t in per_op.items() if "matmul" in op.lower() or op.lower().startswith("linear"))
+    print(f"profile of {name}: step {wall:.3f} s (under the profiler), operators {sum(per_op.values()):.3f} s, "
+          f"GEMM {gemm:.3f} s = {100 * gemm / wall:.0f}% of the step")
+    for op, seconds in per_op.most_common(top):
+        print(f"  {op:<55} {seconds * 1e3:9.1f} ms  {100 * seconds / wall:5.1f}%")
+    print(json.dumps({"profile": name, "step_s": round(wall, 4), "gemm_s": round(gemm, 4),
+                      "gemm_share": round(gemm / wall, 3),
+                      "top_ops_ms": {op: round(t * 1e3, 1) for op, t in per_op.most_common(top)}}))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return run_worker(args.worker, json.loads(args.spec), build_train_step)
+    if args.profile:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        spec = dict(model_config={**CONFIGS[args.config], **COMMON}, batch_size=args.batch_size,
+                    seq_len=args.seq_len, masked=args.masked, device=args.device, amp=args.amp, seed=args.seed,
+                    threads=args.threads)
+        return profile_step(args.profile, spec)
     config = {**CONFIGS[args.config], **COMMON}
     spec = dict(model_config=config, batch_size=args.batch_size, seq_len=args.seq_len, masked=args.masked,
                 device=args.device, amp=args.amp, seed=args.seed, threads=args.threads)
@@ -393,7 +447,8 @@ def main(argv=None):
                                              args.gap, args.threads)
     masked_rows = args.batch_size * args.masked
     full_rows = args.batch_size * args.seq_len
-    lm_rows = {n: full_rows if n in ("paddlenlp", "torch", "torch-bf16") else masked_rows for n in args.names}
+    lm_rows = {n: full_rows if n in ("paddlenlp", "paddlenlp-tuned", "torch", "torch-bf16") else masked_rows
+               for n in args.names}
     flops = {n: pretraining_flops(config, args.batch_size, args.seq_len, lm_rows[n]) for n in args.names}
     reference = "ours-fast" if "ours-fast" in times else "ours-plain"
     results, ratios = summarize(times, losses, memory, flops, args.batch_size * args.seq_len, reference)

@@ -133,6 +133,16 @@ def setup_run(args):
     return topo
 
 
+def check_model_fits(config, tokenizer, max_seq_length: int) -> None:
+    """ValueError before any feature is built when the inputs could not go through the model."""
+    if max_seq_length > config.max_position_embeddings:
+        raise ValueError(f"--max_seq_length {max_seq_length} exceeds the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+    if len(tokenizer.vocab) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer.vocab)} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}: the vocab.txt does not belong to this model")
+
+
 # ---- batches ------------------------------------------------------------------------------------
 def shard_batches(num_examples: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
                   shuffle: bool = True) -> List[List[int]]:
@@ -258,12 +268,15 @@ def finetune(
     from .distributed import wrap_model, wrap_optimizer
     from .training import build_optimizer, linear_warmup_decay
 
+    if not train_features:
+        raise ValueError("no training features (every training example was skipped?)")
     accumulation = args.gradient_accumulation_steps
     batches_per_epoch = len(shard_batches(len(train_features), args.batch_size, 0, args.seed, topo.dataset_rank,
                                           topo.dataset_world_size))
-    if batches_per_epoch == 0:
-        raise ValueError("no training features")
-    steps_per_epoch = max(1, batches_per_epoch // accumulation)
+    if batches_per_epoch < accumulation:
+        raise ValueError(f"{batches_per_epoch} batches per epoch cannot make one step of "
+                         f"--gradient_accumulation_steps {accumulation}")
+    steps_per_epoch = batches_per_epoch // accumulation
     total_steps = args.max_steps if args.max_steps > 0 else int(math.ceil(steps_per_epoch * args.num_train_epochs))
     if total_steps < 1:
         raise ValueError(f"nothing to train: {args.num_train_epochs} epochs of {steps_per_epoch} steps")
