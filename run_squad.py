@@ -61,7 +61,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_examples(path, split, args):
+def load_examples(path, split, args, announce):
     from paddle_megatronbert.data.squad import load_squad_by_name, read_squad_examples
 
     if path:
@@ -72,8 +72,9 @@ def load_examples(path, split, args):
         where = f"PaddleNLP squad ({split})"
     if not examples:
         raise ValueError(f"{where} has no questions")
-    print(f"{where}: {stats.questions} questions ({stats.unanswerable} unanswerable), "
-          f"{len(stats.misaligned)} answers misaligned with their context", flush=True)
+    if announce:
+        print(f"{where}: {stats.questions} questions ({stats.unanswerable} unanswerable), "
+              f"{len(stats.misaligned)} answers misaligned with their context", flush=True)
     return examples
 
 
@@ -94,10 +95,10 @@ def main(argv=None):
     show_progress = topo.is_main and not args.no_progress
     tokenizer_kwargs = {} if args.do_lower_case is None else {"do_lower_case": args.do_lower_case}
     tokenizer = MegatronBertTokenizer.from_pretrained(args.model_name_or_path, **tokenizer_kwargs)
-    train_examples = load_examples(args.train_file, "train", args) if args.do_train else None
+    train_examples = load_examples(args.train_file, "train", args, topo.is_main) if args.do_train else None
     # Only the first replica evaluates (all of its tensor-parallel ranks run the forward).
     evaluates_here = args.do_predict and topo.dataset_rank == 0
-    dev_examples = load_examples(args.predict_file, "dev", args) if evaluates_here else None
+    dev_examples = load_examples(args.predict_file, "dev", args, topo.is_main) if evaluates_here else None
     model = MegatronBertForQuestionAnswering.from_pretrained(args.model_name_or_path,
                                                              tensor_parallel_degree=topo.tp_degree)
     check_model_fits(model.config, tokenizer, args.max_seq_length)

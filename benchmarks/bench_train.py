@@ -340,12 +340,15 @@ def summarize(times, losses, memory, flops, tokens, reference="ours-fast"):
 
 def print_table(title, results, ratios):
     print(title)
-    header = f"{'model':<13} {'median s':>9} {'min s':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'peak RSS MB':>11} {'loss':>8}"
+    with_loss = any("first_loss" in row for row in results.values())
+    header = f"{'model':<15} {'median s':>9} {'min s':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'peak RSS MB':>11}"
+    header += f" {'loss':>8}" if with_loss else ""
     print(header)
     print("-" * len(header))
     for name, row in results.items():
-        print(f"{name:<13} {row['median_s']:>9.4f} {row['min_s']:>8.4f} {row['tokens_per_s']:>9.1f} "
-              f"{row['tflops']:>8.4f} {row['peak_rss_mb']:>11.0f} {row.get('first_loss', float('nan')):>8.3f}")
+        line = (f"{name:<15} {row['median_s']:>9.4f} {row['min_s']:>8.4f} {row['tokens_per_s']:>9.1f} "
+                f"{row['tflops']:>8.4f} {row['peak_rss_mb']:>11.0f}")
+        print(line + (f" {row['first_loss']:>8.3f}" if with_loss else ""))
     for key, value in ratios.items():
         print(f"speed-up of {key.split('/')[1]} over {key.split('/')[0]}: {value:.2f}x")
 

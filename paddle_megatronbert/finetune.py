@@ -150,7 +150,7 @@ def shard_batches(num_examples: int, batch_size: int, epoch: int, seed: int, ran
     round-robin, padded by wrapping so every rank runs the same number of steps."""
     order = np.random.RandomState(seed + epoch).permutation(num_examples) if shuffle else np.arange(num_examples)
     per_rank = int(math.ceil(num_examples / world_size))
-    padded = np.concatenate([order, order[: per_rank * world_size - num_examples]]) if world_size > 1 else order
+    padded = np.resize(order, per_rank * world_size)  # wraps around: the first examples fill the last ranks
     mine = padded[rank::world_size]
     return [mine[i : i + batch_size].tolist() for i in range(0, len(mine), batch_size)]
 
@@ -330,7 +330,8 @@ def finetune(
     amp_context = (lambda: paddle.amp.auto_cast(enable=True, dtype=args.amp_dtype, level="O1")) if args.use_amp \
         else contextlib.nullcontext
     train_model.train()
-    epoch, logged_losses, tic = 0, [], time.time()
+    # Losses are summed as tensors and read once per log line: reading one per step syncs a GPU each step.
+    epoch, loss_sum, loss_count, tic = 0, 0.0, 0, time.time()
     while state.global_step < total_steps:
         batches = shard_batches(len(train_features), args.batch_size, epoch, args.seed, topo.dataset_rank,
                                 topo.dataset_world_size)
@@ -343,7 +344,7 @@ def finetune(
                     loss = train_model(**collate([train_features[i] for i in indices]), return_dict=True)["loss"]
                 loss = loss / accumulation
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-            logged_losses.append(float(loss) * accumulation)
+            loss_sum, loss_count = loss_sum + loss.detach() * accumulation, loss_count + 1
             if not final_micro:
                 continue
             if scaler is not None:
@@ -355,12 +356,12 @@ def finetune(
             optimizer.clear_grad()
             state.global_step += 1
             if state.global_step % args.logging_steps == 0:
-                loss_value = _mean_over_ranks(float(np.mean(logged_losses)), topo)
+                loss_value = _mean_over_ranks(float(loss_sum) / loss_count, topo)
                 if topo.is_main:
                     print(f"global step {state.global_step}/{total_steps}, epoch: {epoch + 1}, "
                           f"batch: {batch_index + 1}, loss: {loss_value:.6f}, lr: {optimizer.get_lr():.10f}, "
                           f"speed: {args.logging_steps / (time.time() - tic):.4f} step/s", flush=True)
-                logged_losses, tic = [], time.time()
+                loss_sum, loss_count, tic = 0.0, 0, time.time()
             if state.global_step % args.save_steps == 0 or state.global_step == total_steps:
                 checkpoint_and_evaluate()
                 tic = time.time()

@@ -41,8 +41,9 @@ def use_fast_kernels(enabled: bool) -> bool:
     """Turn the fast paths on or off for the whole process; returns whether they are on.
 
     On a CPU device, turning them on also sets ``FLAGS_use_stride_kernel=False`` (process-wide: view ops
-    return copies; the model never writes through a view) and turning them off restores the flag.
-    The kernels themselves are built (once, cached) on first use, so GPU runs never build them.
+    return copies; the model never writes through a view), which turning them off restores, and applies
+    the process settings of :func:`_tune_cpu_process` (kept until exit). The kernels themselves are built
+    (once, cached) on first use, so GPU runs never build them.
     """
     _FAST["enabled"] = bool(enabled)
     if _FAST["enabled"] and paddle.get_device().startswith("cpu"):
@@ -57,8 +58,8 @@ def use_fast_kernels(enabled: bool) -> bool:
 
 
 def _tune_cpu_process() -> None:
-    """Process-wide CPU settings of the fast path, applied once and kept until exit: they change
-    speed, never results (so turning the fast paths off leaves them)."""
+    """Process-wide CPU settings of the fast path, applied once and kept until exit: they change speed,
+    not the math (GEMM summation order aside), so turning the fast paths off leaves them."""
     if _FAST.get("cpu_tuned"):
         return
     _FAST["cpu_tuned"] = True

@@ -7,6 +7,9 @@ The kernels are built once per machine into a cache (~30 s the first time, ~0.1 
 """
 
 import logging
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import paddle
@@ -215,6 +218,18 @@ def test_same_seed_same_training_step_with_dropout(kernels):
     for name in first_grads:
         np.testing.assert_array_equal(first_grads[name], second_grads[name])
     assert not np.array_equal(first_out["loss"], other_out["loss"])
+
+
+# ---- the build --------------------------------------------------------------------------------------
+def test_kernels_are_cached_and_link_paddles_intel_openmp(kernels):
+    assert kernels.path == os.path.join(loader.cache_root(), loader.build_key(), "pmb_cpu_kernels",
+                                        "pmb_cpu_kernels.so")
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("no readelf to list the library's dependencies")
+    needed = subprocess.run([readelf, "-d", kernels.path], capture_output=True, text=True, check=True).stdout
+    assert "libiomp5.so" in needed  # Paddle's OpenMP runtime ...
+    assert "libgomp" not in needed  # ... not a second one fighting it for the cores
 
 
 # ---- layers this does not fuse, and the fallback ----------------------------------------------------
