@@ -2,9 +2,9 @@
 """Build the bundled SQuAD v1.1-format sample (data/squad_sample/) from the shipped text (data/sample_text.txt).
 
 Real SQuAD cannot be downloaded here, so the demo fine-tunes on cloze-style questions over real prose:
-each context is a run of consecutive sentences of *Botchan*; a question is one of its sentences with one
-word (a name or a longer content word) replaced by "what", and the answer is that word at its exact
-character offset. Deterministic (seeded); the files are committed, this script documents how they were made.
+each context is a run of consecutive sentences of *Botchan*; a question names the first and the last word of
+a short span (one to four words) of one of its sentences, and the answer is that span at its exact character
+offset. A tiny model pretrained for minutes can learn to find it; the real SQuAD needs the real weights. Deterministic (seeded); the files are committed, this script documents how they were made.
 
     python scripts/make_demo_squad.py --out data/squad_sample
 """
@@ -42,17 +42,16 @@ def read_documents(path):
 
 
 def cloze_question(sentence, rng):
-    """(question, answer, answer offset in the sentence) or None."""
+    """(question, answer, answer offset in the sentence) or None: the question names the first and the last
+    word of a short span of the sentence (one to four words), and the answer is the span itself."""
     words = list(re.finditer(r"[A-Za-z][A-Za-z'-]*[A-Za-z]", sentence))
-    if len(words) < 7:
+    if len(words) < 6:
         return None
-    candidates = [m for m in words[1:] if len(m.group()) >= 5 and m.group().lower() not in STOPWORDS]
-    if not candidates:
-        return None
-    answer = rng.choice(candidates)
-    question = sentence[: answer.start()] + "what" + sentence[answer.end():]
-    question = question.rstrip(" .!;:,") + "?"
-    return question, answer.group(), answer.start()
+    first = rng.randrange(len(words))
+    last = min(len(words) - 1, first + rng.randrange(4))
+    start, end = words[first].start(), words[last].end()
+    question = f'What runs from "{words[first].group()}" to "{words[last].group()}"?'
+    return question, sentence[start:end], start
 
 
 def build(documents, rng, sentences_per_context=5, questions_per_sentence=2):
