@@ -29,7 +29,7 @@ from paddle_megatronbert.training import setup_cpu_threads
 setup_cpu_threads()  # before paddle is imported (it pins OMP to 1 thread otherwise)
 
 from paddle_megatronbert.finetune import str_to_bool  # noqa: E402
-from paddle_megatronbert.training import AMP_CHOICES  # noqa: E402
+from paddle_megatronbert.training import AMP_CHOICES, training_argument_problems  # noqa: E402
 
 MODEL_TYPES = ("bert", "megatronbert", "megatron-bert", "megatron_bert")
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paddle_megatronbert")
@@ -43,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--model_name_or_path", default=None,
                        help="registered name (config only: trains from scratch) or a directory with config.json "
                             "and weights (continues from them). Default: megatronbert-uncased")
-    model.add_argument("--config_file", default=None, help="JSON of MegatronBertConfig fields: a model from scratch "
-                                                            "(configs/tiny.json, configs/megatronbert-345m.json)")
+    model.add_argument("--config_file", default=None,
+                       help="JSON of MegatronBertConfig fields: a model from scratch (configs/tiny.json, "
+                            "configs/megatronbert-345m.json); a key that is no field (a typo) is refused")
     model.add_argument("--tokenizer_name_or_path", default=None,
                        help="the vocab the shards were made with (default: the model's, else by do_lower_case)")
     model.add_argument("--hidden_dropout_prob", type=float, default=None, help="override the config's")
@@ -101,12 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.amp = "fp16"
     if args.model_name_or_path is None and args.config_file is None:
         args.model_name_or_path = "megatronbert-uncased"
-    for name in ("batch_size", "logging_steps", "save_steps", "gradient_accumulation_steps",
-                 "max_predictions_per_seq"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.num_train_epochs <= 0:
-        parser.error(f"--num_train_epochs must be > 0, got {args.num_train_epochs}")
+    problems = training_argument_problems(args)
+    if args.max_predictions_per_seq < 1:
+        problems.append(f"--max_predictions_per_seq must be >= 1, got {args.max_predictions_per_seq}")
+    if problems:
+        parser.error("; ".join(problems))
     return args
 
 
@@ -116,7 +116,11 @@ def build_config(args, tp_degree: int):
     from paddle_megatronbert import MegatronBertConfig
 
     source = args.config_file or args.model_name_or_path
-    config = MegatronBertConfig.from_pretrained(source)
+    if args.config_file and os.path.isfile(args.config_file):
+        # Written by hand: a key that is no config field is a typo, and would silently be ignored.
+        config = MegatronBertConfig.from_json_file(args.config_file, strict=True)
+    else:  # a registered name, or a model directory whose config.json may carry HF/PaddleNLP keys
+        config = MegatronBertConfig.from_pretrained(source)
     overrides = {"tensor_parallel_degree": tp_degree, "recompute": args.recompute}
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if getattr(args, name) is not None:
@@ -138,18 +142,37 @@ def resolve_vocab_file(args, config) -> str:
             name = "megatronbert-uncased" if config.do_lower_case else "megatronbert-cased"
     if os.path.isdir(name):
         path = os.path.join(name, "vocab.txt")
-    elif os.path.isfile(name):
-        path = name
-    else:
-        path = os.path.join(PACKAGE_DIR, "vocab", f"{name}-vocab.txt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no vocab file for {name!r} (looked for {path}); pass --tokenizer_name_or_path")
-    return path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no vocab file for {name!r} (no {path}); pass --tokenizer_name_or_path")
+        return path
+    if os.path.isfile(name):
+        return name
+    shipped = os.path.join(PACKAGE_DIR, "vocab", f"{name}-vocab.txt")
+    if os.path.isfile(shipped):
+        return shipped
+    registered = sorted(n[:-len("-vocab.txt")] for n in os.listdir(os.path.join(PACKAGE_DIR, "vocab"))
+                        if n.endswith("-vocab.txt"))
+    raise FileNotFoundError(f"no vocab file for {name!r}: it is neither a vocab file, a directory with vocab.txt, "
+                            f"nor a registered name ({', '.join(registered)}); pass --tokenizer_name_or_path")
 
 
 def count_vocab(path: str) -> int:
     with open(path, encoding="utf-8") as f:
         return sum(1 for _ in f)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Before any work: an existing --output_dir must be a directory (a resume reads it, the run writes it)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} exists and is not a directory")
+
+
+def check_positions_fit(shard: str, seq_length: int, config, config_source: str) -> None:
+    """Sequences longer than the position table would index past it inside the first forward."""
+    if seq_length > config.max_position_embeddings:
+        raise ValueError(f"shard {shard} holds sequences of {seq_length} tokens but the model's "
+                         f"max_position_embeddings is {config.max_position_embeddings} ({config_source}): remake "
+                         "the shards with a smaller --max_seq_length or use a config with more positions")
 
 
 def check_vocab_fits(vocab_file: str, vocab_lines: int, config, config_source: str) -> None:
@@ -227,6 +250,7 @@ def main(argv=None) -> dict:
         autocast,
         build_grad_scaler,
         build_optimizer,
+        check_finite_loss,
         latest_checkpoint,
         linear_warmup_decay,
         load_checkpoint,
@@ -239,6 +263,7 @@ def main(argv=None) -> dict:
     paddle.set_device(device)
     amp = resolve_amp(args.amp, device)
     # Checks that need no process group come first, so a bad input fails at once on every rank.
+    check_output_dir(args.output_dir)
     files = list_shards(args.input_dir)
     config, config_source = build_config(args, args.tensor_parallel_degree)
     validate_tp_config(config, args.tensor_parallel_degree)
@@ -254,6 +279,7 @@ def main(argv=None) -> dict:
     loader = PretrainingDataLoader(files, args.batch_size, args.max_predictions_per_seq, rank=topo.dataset_rank,
                                    world_size=topo.dataset_world_size, seed=args.seed, vocab_size=config.vocab_size,
                                    tokenizer_vocab_size=vocab_lines)
+    check_positions_fit(loader.shards[0].path, loader.seq_length, config, config_source)
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = loader.steps_per_epoch // accumulation
     if steps_per_epoch < 1:
@@ -344,8 +370,14 @@ def main(argv=None) -> dict:
             if args.exit_duration_in_mins is not None:
                 exit_now |= (time.time() - started) / 60.0 >= args.exit_duration_in_mins
             exit_now = _all_ranks_any(exit_now or stop.requested, topo)
-            if step % args.logging_steps == 0 or step == last_step or exit_now:
+            log_now = step % args.logging_steps == 0 or step == last_step or exit_now
+            save_now = step % args.save_steps == 0 or step == last_step or exit_now
+            if log_now or save_now:
+                # The losses are read (the one host sync) when they are logged or a checkpoint is due, so a
+                # NaN stops the run before it reaches metrics.jsonl or a checkpoint.
                 loss_value, mlm_value, nsp_value = _mean_over_ranks(window_sums, topo)
+                check_finite_loss(loss_value / window_steps, step - window_steps + 1, step, args.output_dir)
+            if log_now:
                 elapsed = max(time.time() - window_start, 1e-9)
                 sequences_per_sec = sequences_per_step * window_steps / elapsed
                 last_record = {
@@ -360,7 +392,7 @@ def main(argv=None) -> dict:
                 logger.log(step, {k: v for k, v in last_record.items() if v is not None})
                 window_start, window_steps, window_sums = time.time(), 0, None
 
-            if step % args.save_steps == 0 or step == last_step or exit_now:
+            if save_now:
                 save()
             if exit_now:
                 if topo.is_main:
@@ -382,6 +414,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, a full disk ...
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

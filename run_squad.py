@@ -58,6 +58,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not (args.do_train or args.do_predict):
         parser.error("nothing to do: pass --do_train and/or --do_predict")
+    for name in ("doc_stride", "max_query_length", "n_best_size", "max_answer_length"):  # before the model loads
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
 

@@ -136,7 +136,22 @@ class MegatronBertConfig:
     def __post_init__(self):
         self.validate()
 
+    _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                   "max_position_embeddings", "type_vocab_size", "num_labels", "tensor_parallel_degree")
+    _FLOAT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps")
+
     def validate(self) -> None:
+        for name in self._INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        for name in self._FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"config field {name} must be a finite number >= 0, got {value!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"config field {name} must be below 1, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
@@ -173,10 +188,18 @@ class MegatronBertConfig:
         return out
 
     @classmethod
-    def from_dict(cls, config_dict: Dict[str, Any], **overrides) -> "MegatronBertConfig":
+    def from_dict(cls, config_dict: Dict[str, Any], strict: bool = False, **overrides) -> "MegatronBertConfig":
+        """``strict`` refuses keys that are not config fields (a typo in a hand-written config); otherwise
+        they are kept in ``extra`` (HF and PaddleNLP configs carry keys of their own)."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got a {type(config_dict).__name__}")
         merged = dict(config_dict)
         merged.update(overrides)
         names = {f.name for f in dataclasses.fields(cls)}
+        if strict:
+            unknown = sorted(k for k in merged if k not in names and k not in ("model_type", "extra"))
+            if unknown:
+                raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         known = {k: v for k, v in merged.items() if k in names and k != "extra"}
         extra = dict(merged.get("extra") or {})
         # Keys that mean something elsewhere (HF/PaddleNLP configs) are kept, not lost.
@@ -192,15 +215,19 @@ class MegatronBertConfig:
             f.write(self.to_json_string())
 
     @classmethod
-    def from_json_file(cls, path: str, **overrides) -> "MegatronBertConfig":
+    def from_json_file(cls, path: str, strict: bool = False, **overrides) -> "MegatronBertConfig":
+        """Read a config; every error names the file."""
         try:
             with open(path, encoding="utf-8") as f:
                 config_dict = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_dict(config_dict, **overrides)
+        try:
+            return cls.from_dict(config_dict, strict=strict, **overrides)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **overrides) -> "MegatronBertConfig":

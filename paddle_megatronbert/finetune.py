@@ -112,7 +112,11 @@ def setup_run(args):
     import paddle
 
     from .distributed import init_distributed
+    from .training import training_argument_problems
 
+    problems = training_argument_problems(args)  # before any set-up: a NaN learning rate, a zero batch ...
+    if problems:
+        raise ValueError("; ".join(problems))
     device = resolve_device(args.device, args.n_gpu)
     paddle.set_device(device)
     args.device = device
@@ -125,11 +129,6 @@ def setup_run(args):
         if topo.is_main:
             print("note: --use_amp is ignored on CPU (Paddle has no low-precision CPU matmul kernels)", flush=True)
         args.use_amp = False
-    if args.gradient_accumulation_steps < 1:
-        raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
-    for name in ("batch_size", "logging_steps", "save_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     return topo
 
 
@@ -266,7 +265,7 @@ def finetune(
     import paddle
 
     from .distributed import wrap_model, wrap_optimizer
-    from .training import build_optimizer, linear_warmup_decay
+    from .training import build_optimizer, check_finite_loss, linear_warmup_decay
 
     if not train_features:
         raise ValueError("no training features (every training example was skipped?)")
@@ -357,6 +356,7 @@ def finetune(
             state.global_step += 1
             if state.global_step % args.logging_steps == 0:
                 loss_value = _mean_over_ranks(float(loss_sum) / loss_count, topo)
+                check_finite_loss(loss_value, state.global_step - args.logging_steps + 1, state.global_step)
                 if topo.is_main:
                     print(f"global step {state.global_step}/{total_steps}, epoch: {epoch + 1}, "
                           f"batch: {batch_index + 1}, loss: {loss_value:.6f}, lr: {optimizer.get_lr():.10f}, "

@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LATEST_FILE = "latest"
@@ -47,6 +47,91 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     paddle.seed(seed)
+
+
+# ---- argument checks ----------------------------------------------------------------------------------
+_AT_LEAST_1 = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+               "save_total_limit", "exit_interval", "tensor_parallel_degree", "data_parallel_degree",
+               "sharding_degree")
+# flag: (lowest, highest, lowest allowed itself, highest allowed itself); every bound is finite
+_NUMBER_RANGES = {
+    "learning_rate": (0.0, math.inf, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "adam_epsilon": (0.0, math.inf, False, False),
+    "adam_beta1": (0.0, 1.0, True, False),
+    "adam_beta2": (0.0, 1.0, True, False),
+    "max_grad_norm": (-math.inf, math.inf, False, False),  # <= 0 disables clipping; NaN/inf is a mistake
+    "warmup_proportion": (0.0, 1.0, True, True),
+    "num_train_epochs": (0.0, math.inf, False, False),
+    "scale_loss": (0.0, math.inf, False, False),
+    "exit_duration_in_mins": (0.0, math.inf, False, False),
+    "hidden_dropout_prob": (0.0, 1.0, True, False),
+    "attention_probs_dropout_prob": (0.0, 1.0, True, False),
+}
+
+
+def training_argument_problems(args) -> List[str]:
+    """One message per optimisation flag whose value no run can use (a NaN or negative learning rate, a
+    zero batch, a warm-up proportion above 1, ...), for the runners to refuse before any work; empty when
+    all is well. Flags the runner does not have, or left at None, are skipped.
+
+    ``--max_steps`` is -1 (the epochs decide) or >= 1: 0 would silently mean "use the epochs".
+    ``--seed`` must fit numpy's seed range, [0, 2**32).
+    """
+    problems = []
+    for name in _AT_LEAST_1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be >= 1, got {value}")
+    for name, (low, high, low_ok, high_ok) in _NUMBER_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        inside = math.isfinite(value) and (low < value or (low_ok and value == low)) and (
+            value < high or (high_ok and value == high))
+        if not inside:
+            left, right = "[" if low_ok else "(", "]" if high_ok else ")"
+            if low == -math.inf and high == math.inf:
+                what = "a finite number"
+            elif high == math.inf:
+                what = f"a finite number {'>=' if low_ok else '>'} {low:g}"
+            else:
+                what = f"in {left}{low:g}, {high:g}{right}"
+            problems.append(f"--{name} must be {what}, got {value}")
+    max_steps = getattr(args, "max_steps", None)
+    if max_steps is not None and max_steps != -1 and max_steps < 1:
+        problems.append(f"--max_steps must be >= 1, or -1 to train for --num_train_epochs; got {max_steps}")
+    warmup_steps = getattr(args, "warmup_steps", None)
+    if warmup_steps is not None and warmup_steps < 0:
+        problems.append(f"--warmup_steps must be >= 0, got {warmup_steps}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        problems.append(f"--seed must be in [0, 2**32), got {seed}")
+    return problems
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite. Raised before that step is logged or checkpointed, so the
+    newest checkpoint stays the last good one (Megatron-LM's ``check_for_nan_in_loss_and_grad`` stops a
+    run the same way: resuming into the same divergence would only repeat it)."""
+
+
+def check_finite_loss(loss: float, first_step: int, last_step: int, output_dir: Optional[str] = None) -> None:
+    """:class:`NonFiniteLossError` when ``loss`` (the mean over steps ``first_step``..``last_step``, a value
+    the runner already read for its log line: no extra device sync) is NaN or infinite. With ``output_dir``
+    (a run with ``latest``), the message names the checkpoint a rerun would resume from."""
+    if math.isfinite(loss):
+        return
+    steps = f"step {last_step}" if first_step == last_step else f"steps {first_step}-{last_step}"
+    keep = ""
+    if output_dir is not None:  # a pretraining run: say where it would resume from
+        try:
+            newest = latest_checkpoint(output_dir)
+        except (OSError, ValueError):
+            newest = None
+        keep = f": the newest checkpoint, {newest}, is the last good one" if newest else ": no checkpoint was written"
+    raise NonFiniteLossError(f"the training loss became {loss} (mean over {steps}); stopped without saving{keep}. "
+                             "Lower --learning_rate, lengthen the warm-up or check the data")
 
 
 def no_decay_parameter(name: str, param) -> bool:
@@ -182,14 +267,18 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int) -> None:
         kept = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if record.get("step", 0) <= step:
-                    kept.append(json.dumps(record))
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if isinstance(record, dict) and record.get("step", 0) <= step:
+                        kept.append(json.dumps(record))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{self.path} is not UTF-8 text ({err.reason} at byte {err.start}), so the records "
+                             "of the run being resumed cannot be kept: move it away to resume") from None
         _atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, step: int, metrics: Dict[str, Any], tag: str = "train") -> Optional[str]:
@@ -444,8 +533,14 @@ def read_trainer_state(checkpoint_dir: str) -> Dict[str, Any]:
     path = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{checkpoint_dir} is not a checkpoint (no {TRAINER_STATE_FILE})")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON (corrupt checkpoint?): {err}") from None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise ValueError(f"{path} is not a trainer state (a JSON object with global_step)")
+    return state
 
 
 def load_checkpoint(checkpoint_dir: str, model, optimizer, lr_scheduler=None, scaler=None, topo=None,
@@ -477,8 +572,14 @@ def load_checkpoint(checkpoint_dir: str, model, optimizer, lr_scheduler=None, sc
     if restore_rng:
         rng_path = os.path.join(checkpoint_dir, _rng_file(topo))
         if state.get("world_size", 1) == world and os.path.isfile(rng_path):
-            with open(rng_path, "rb") as f:
-                restore_rng_state(pickle.load(f))
+            try:
+                with open(rng_path, "rb") as f:
+                    rng_state = pickle.load(f)
+                restore_rng_state(rng_state)
+            except Exception as err:  # unpickling a damaged file raises any of a dozen types
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+                raise ValueError(f"cannot read {rng_path} (corrupt or truncated?): {type(err).__name__}: "
+                                 f"{detail}") from None
         else:
             print(f"warning: {checkpoint_dir} was written by {state.get('world_size', 1)} process(es), this run has "
                   f"{world}: random streams start fresh (dropout masks differ from an uninterrupted run)",

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                         help="fine-tune these weights (a registered name or a directory) instead of pretraining")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--pretrain_steps", type=int, default=400)
-    parser.add_argument("--squad_epochs", type=float, default=3)
+    parser.add_argument("--squad_epochs", type=float, default=10)
     args = parser.parse_args(argv)
 
     python = sys.executable
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
             [python, "run_pretrain.py", "--config_file", "configs/tiny.json", "--input_dir", shards,
              "--output_dir", pretrain_dir, "--max_predictions_per_seq", "20", "--batch_size", "32",
              "--learning_rate", "2e-3", "--warmup_steps", "40", "--weight_decay", "0.01",
-             "--max_steps", str(args.pretrain_steps), "--logging_steps", "20", "--save_steps", "200",
+             "--max_steps", str(args.pretrain_steps), "--num_train_epochs", "1000", "--logging_steps", "20",
+             "--save_steps", "200",
              "--seed", "42", "--device", args.device, "--overwrite_output_dir"],
             os.path.join(out, "pretrain.log"))
         plot_path = os.path.join(out, "pretrain_loss.png")
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
          "--train_file", os.path.join(squad_dir, "train-v1.1.json"),
          "--predict_file", os.path.join(squad_dir, "dev-v1.1.json"), "--output_dir", squad_out,
          "--max_seq_length", "128", "--doc_stride", "64", "--batch_size", "16", "--learning_rate", "1e-3",
-         "--num_train_epochs", str(args.squad_epochs), "--warmup_proportion", "0.1", "--logging_steps", "20",
+         "--num_train_epochs", str(args.squad_epochs), "--warmup_proportion", "0.1", "--logging_steps", "100",
+         "--save_steps", "1000",
          "--seed", "42", "--device", args.device],
         os.path.join(out, "squad.log"))
 

@@ -6,7 +6,6 @@ WordPieces the text uses, so the text tokenizes exactly as with the full vocab):
 tokens would cost 4x more per step on this 2-core machine, and the suite has a time budget.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,14 +17,15 @@ import h5py
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.tiny_pretraining import REPO, pretrain_argv, shared_tiny_pretraining_data, subprocess_env
+
 sys.path.insert(0, REPO)
-SAMPLE_TEXT = os.path.join(REPO, "data", "sample_text.txt")
 LAUNCH_TIMEOUT_S = 120
 
 import run_pretrain  # noqa: E402
 from paddle_megatronbert.training import (  # noqa: E402
     MetricsLogger,
+    NonFiniteLossError,
     latest_checkpoint,
     linear_warmup_decay,
     pretraining_flops_per_sequence,
@@ -34,55 +34,11 @@ from paddle_megatronbert.training import (  # noqa: E402
 )
 
 
-class Data:
-    def __init__(self, root):
-        self.root = root
-        self.vocab = os.path.join(root, "vocab.txt")
-        self.config = os.path.join(root, "tiny.json")
-        self.shards = os.path.join(root, "shards")
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "create_pretraining_data", os.path.join(REPO, "tools", "create_pretraining_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """The text's vocab slice, the tiny config over it, and 2 shards (seq 64, 10 predictions, 3427 samples)."""
-    from paddle_megatronbert.tokenizer import MegatronBertTokenizer
-
-    data = Data(str(tmp_path_factory.mktemp("pretrain_data")))
-    tokenizer = MegatronBertTokenizer.from_pretrained("megatronbert-uncased")
-    used = set()
-    with open(SAMPLE_TEXT, encoding="utf-8") as f:
-        for line in f:
-            used.update(tokenizer.tokenize(line))
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = specials + sorted(used - set(specials))
-    with open(data.vocab, "w", encoding="utf-8") as f:
-        f.write("\n".join(vocab) + "\n")
-    with open(os.path.join(REPO, "configs", "tiny.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    config["vocab_size"] = len(vocab)
-    with open(data.config, "w", encoding="utf-8") as f:
-        json.dump(config, f)
-    load_tool().main(["--input_file", SAMPLE_TEXT, "--output_dir", data.shards, "--vocab_file", data.vocab,
-                      "--do_lower_case", "true", "--max_seq_length", "64", "--max_predictions_per_seq", "10",
-                      "--dupe_factor", "3", "--shards_per_file", "2", "--seed", "5", "--num_workers", "1"])
-    assert len(vocab) == 5264
-    return data
-
-
-def argv(data, output_dir, *extra, max_steps=20):
-    return ["--config_file", data.config, "--tokenizer_name_or_path", data.vocab, "--input_dir", data.shards,
-            "--output_dir", str(output_dir), "--max_predictions_per_seq", "10", "--batch_size", "8",
-            "--learning_rate", "2e-3", "--warmup_steps", "5", "--max_steps", str(max_steps), "--logging_steps", "1",
-            "--save_steps", "1000", "--device", "cpu", "--visualdl", "false", "--seed", "11", *extra]
+    """The text's vocab slice, the tiny config over it, and 2 shards (seq 64, 10 predictions, dupe 3: 3427
+    samples: the 200 steps of the learning check read no sequence twice)."""
+    return shared_tiny_pretraining_data(tmp_path_factory, dupe_factor=3)
 
 
 def records(output_dir):
@@ -104,7 +60,7 @@ def test_seed_command_line_parses_as_written():
 
 
 def test_tiny_model_learns_from_the_shipped_text(data, tmp_path):
-    result = run_pretrain.main(argv(data, tmp_path, max_steps=200))
+    result = run_pretrain.main(pretrain_argv(data, tmp_path, max_steps=200))
     mlm = [r["mlm_loss"] for r in records(tmp_path)]
     assert result["step"] == 200 and len(mlm) == 200
     # Starts at ln(5264) = 8.57 (a uniform guess over the vocab); 200 steps of 8 sequences bring it to about
@@ -120,12 +76,12 @@ def test_tiny_model_learns_from_the_shipped_text(data, tmp_path):
 
 def test_resume_continues_exactly_with_dropout_on(data, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_pretrain.main(argv(data, straight))
-    first = run_pretrain.main(argv(data, interrupted, "--exit_interval", "10"))
+    run_pretrain.main(pretrain_argv(data, straight))
+    first = run_pretrain.main(pretrain_argv(data, interrupted, "--exit_interval", "10"))
     assert first["step"] == 10 and latest_checkpoint(str(interrupted)).endswith("checkpoint-10")
     position = read_trainer_state(latest_checkpoint(str(interrupted)))["data_position"]
     assert (position["epoch"], position["batches_in_epoch"], position["offset"]) == (0, 10, 80)
-    second = run_pretrain.main(argv(data, interrupted))  # the same command resumes from `latest`
+    second = run_pretrain.main(pretrain_argv(data, interrupted))  # the same command resumes from `latest`
     assert second["step"] == 20
     a, b = records(straight), records(interrupted)
     assert [r["step"] for r in b] == list(range(1, 21))  # one record per step, none repeated
@@ -145,11 +101,10 @@ def test_resume_continues_exactly_with_dropout_on(data, tmp_path):
 
 def test_sigkill_during_checkpoint_write_leaves_a_checkpoint_that_loads(data, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(REPO, "run_pretrain.py"), *argv(data, out, "--save_steps", "3", max_steps=6)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    cmd = [sys.executable, os.path.join(REPO, "run_pretrain.py"), *pretrain_argv(data, out, max_steps=6, save_steps=3)]
     # the thread count of this process (set by run_pretrain's import or Paddle's), so that the resumed
     # in-process steps and the killed run's sum in the same order
-    env.update(OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"], PYTHONPATH=REPO, MEGATRONBERT_TEST_PAUSE_IN_SAVE="6:60")
+    env = subprocess_env(OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"], MEGATRONBERT_TEST_PAUSE_IN_SAVE="6:60")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, output = time.time() + LAUNCH_TIMEOUT_S, []
     try:
@@ -168,7 +123,7 @@ def test_sigkill_during_checkpoint_write_leaves_a_checkpoint_that_loads(data, tm
     killed = records(out)
     assert [r["step"] for r in killed] == [1, 2, 3, 4, 5, 6]
     # The same command resumes from checkpoint-3 and redoes steps 4-6 exactly as the killed run did.
-    result = run_pretrain.main(argv(data, out, "--save_steps", "3", max_steps=6))
+    result = run_pretrain.main(pretrain_argv(data, out, max_steps=6, save_steps=3))
     assert result["step"] == 6 and latest_checkpoint(str(out)) == str(out / "checkpoint-6")
     assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-6", "latest", "metrics.jsonl"]
     assert [r["loss"] for r in records(out)] == [r["loss"] for r in killed]
@@ -176,13 +131,12 @@ def test_sigkill_during_checkpoint_write_leaves_a_checkpoint_that_loads(data, tm
 
 def test_tensor_parallel_2_gives_the_first_losses_of_tp_1(data, tmp_path):
     no_dropout = ["--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
-    run_pretrain.main(argv(data, tmp_path / "tp1", *no_dropout, max_steps=5))
+    run_pretrain.main(pretrain_argv(data, tmp_path / "tp1", *no_dropout, max_steps=5))
     log_dir = tmp_path / "log"
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
-           os.path.join(REPO, "run_pretrain.py"), *argv(data, tmp_path / "tp2", *no_dropout, max_steps=5),
+           os.path.join(REPO, "run_pretrain.py"), *pretrain_argv(data, tmp_path / "tp2", *no_dropout, max_steps=5),
            "--tensor_parallel_degree", "2"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     worker_log = (log_dir / "workerlog.0").read_text(errors="replace") if (log_dir / "workerlog.0").exists() else ""
     assert proc.returncode == 0, worker_log[-3000:]
@@ -193,6 +147,19 @@ def test_tensor_parallel_2_gives_the_first_losses_of_tp_1(data, tmp_path):
     assert sorted(f for f in os.listdir(tmp_path / "tp2" / "checkpoint-5") if "tp0" in f) == [
         "model_state.tp00.pdparams", "model_state.tp01.pdparams", "optimizer.tp00.sd00.pdopt",
         "optimizer.tp01.sd00.pdopt"]
+
+
+def test_non_finite_loss_stops_the_run_before_it_is_logged_or_saved(data, tmp_path):
+    # An absurd learning rate: step 1 is fine, its update sends the weights to ~1e30 and step 2's loss is NaN.
+    # A checkpoint every step and a log line every 3: the check must not wait for the log line.
+    args = pretrain_argv(data, tmp_path, "--learning_rate", "1e30", "--warmup_steps", "0", "--logging_steps", "3",
+                         max_steps=4, save_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"the training loss became nan \(mean over steps 1-2\); stopped "
+                                                 r"without saving: the newest checkpoint, \S*checkpoint-1, is the last"):
+        run_pretrain.main(args)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "latest", "metrics.jsonl"]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    assert records(tmp_path) == []  # no NaN record: the first log line was due at step 3
 
 
 # ---- bad input: one clear error each, naming the file ----------------------------------------------------
@@ -269,7 +236,7 @@ BAD_INPUTS = {
 def test_bad_input_fails_with_one_clear_error_naming_the_file(data, tmp_path, case):
     input_dir = str(tmp_path / "bad_input")
     overrides, pattern = BAD_INPUTS[case](data, input_dir)
-    args = argv(data, tmp_path / "out", max_steps=2)
+    args = pretrain_argv(data, tmp_path / "out", max_steps=2)
     args[args.index("--input_dir") + 1] = input_dir
     for flag, value in overrides.items():
         if flag in args:
@@ -284,8 +251,7 @@ def test_bad_input_fails_with_one_clear_error_naming_the_file(data, tmp_path, ca
 
 def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
     os.makedirs(tmp_path / "empty")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, os.path.join(REPO, "run_pretrain.py"), "--input_dir",
                            str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out"), "--device", "cpu"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)

@@ -388,7 +388,11 @@ def parse_args(argv=None):
                         help="registered name (megatronbert-uncased / -cased), directory with vocab.txt, or a vocab file")
     parser.add_argument("--do_lower_case", type=_str2bool, default=None,
                         help="default: the registered name's casing, else true")
-    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--max_seq_length", type=int, default=128,
+                        help="tokens per sequence, at most --max_position_embeddings")
+    parser.add_argument("--max_position_embeddings", type=int, default=512,
+                        help="the position table of the model the shards are for (512: every MegatronBERT and BERT "
+                             "config): longer sequences are refused, as that model could not read them")
     parser.add_argument("--max_predictions_per_seq", type=int, default=20)
     parser.add_argument("--masked_lm_prob", type=float, default=0.15)
     parser.add_argument("--dupe_factor", type=int, default=10, help="times the text is repeated with new masks")
@@ -404,6 +408,10 @@ def parse_args(argv=None):
     problems = []
     if args.max_seq_length < 8:
         problems.append(f"--max_seq_length must be >= 8, got {args.max_seq_length}")
+    elif args.max_seq_length > args.max_position_embeddings:
+        problems.append(f"--max_seq_length {args.max_seq_length} exceeds --max_position_embeddings "
+                        f"{args.max_position_embeddings} (the model's position table); pass "
+                        "--max_position_embeddings N for a model with a longer one")
     if not 1 <= args.max_predictions_per_seq <= args.max_seq_length:
         problems.append(f"--max_predictions_per_seq must be in [1, max_seq_length], got {args.max_predictions_per_seq}")
     if not 0.0 < args.masked_lm_prob <= 1.0:
@@ -422,9 +430,11 @@ def main(argv=None) -> List[Dict[str, object]]:
     args = parse_args(argv)
     from tqdm import tqdm
 
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} exists and is not a directory")
     files = expand_inputs(args.input_file)
+    _TOKENIZER = load_tokenizer(args.vocab_file, args.do_lower_case)  # before any output: a bad vocab does no work
     os.makedirs(args.output_dir, exist_ok=True)
-    _TOKENIZER = load_tokenizer(args.vocab_file, args.do_lower_case)
     options = Options(args.max_seq_length, args.max_predictions_per_seq, args.masked_lm_prob, args.dupe_factor,
                       args.short_seq_prob, args.seed, args.shards_per_file, args.do_whole_word_mask, args.text_key,
                       args.input_format, args.output_dir, args.output_prefix)
@@ -458,5 +468,5 @@ def main(argv=None) -> List[Dict[str, object]]:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as err:
+    except (ValueError, OSError) as err:  # OSError: FileNotFoundError, PermissionError, a full disk ...
         sys.exit(f"error: {err}")

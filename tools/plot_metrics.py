@@ -18,19 +18,29 @@ THROUGHPUT_KEYS = ("tokens_per_sec", "sequences_per_sec", "tokens/s", "sequences
 
 def read_records(path: str):
     """The JSON records of a metrics file; a bad line is an error naming the file and the line."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no such metrics file: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; pass the metrics.jsonl in it")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a regular file")
     records = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not JSON ({err})") from None
-    steps = [r for r in records if "step" in r]
+        number = 0
+        try:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number} is not JSON ({err})") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{number + 1} is not UTF-8 text ({err.reason})") from None
+    if not records:
+        raise ValueError(f"{path} is empty")
+    steps = [r for r in records if isinstance(r, dict) and "step" in r]
     if not steps:
         raise ValueError(f"{path} has no records with a 'step' field")
     return steps
@@ -78,9 +88,11 @@ def main(argv=None):
     parser.add_argument("--out", default="metrics.png", help="PNG to write")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
+    if os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a directory; name the PNG file to write")
     try:
         path = plot(args.metrics, args.out, args.title)
-    except (FileNotFoundError, ValueError) as err:
+    except (ValueError, OSError) as err:  # OSError: a missing input, an --out that cannot be written
         print(f"plot_metrics: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -248,14 +248,18 @@ def load_torch_pickle(path: str) -> Tuple[Any, str]:
             raise ValueError(f"cannot read {path} as a PyTorch checkpoint, truncated or not a torch file "
                              f"({_first_line(err)})") from None
         match = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
-        why = f"it pickles {match.group(1)}" if match else _first_line(err)
-        logger.info("%s cannot be read with torch.load(weights_only=True) (%s); reading it with the restricted "
-                    "unpickler", path, why)
+        # torch's message is a paragraph; its reason is the line after "WeightsUnpickler error:"
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+        why = f"it pickles {match.group(1)}" if match else reason.group(1) if reason else _first_line(err)
     except Exception as err:  # torch raises RuntimeError/EOFError/... for a truncated or foreign file
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint, truncated or not a torch file "
                          f"({type(err).__name__}: {_first_line(err)})") from None
     try:
-        return _torch_load(torch, path, weights_only=False, pickle_module=_RestrictedPickleModule), "restricted"
+        loaded = _torch_load(torch, path, weights_only=False, pickle_module=_RestrictedPickleModule)
+        # Said only once the restricted read worked: for a broken file the error below is the one line.
+        logger.info("%s cannot be read with torch.load(weights_only=True) (%s); read it with the restricted "
+                    "unpickler", path, why)
+        return loaded, "restricted"
     except pickle.UnpicklingError as err:
         if "refused to load global" in str(err):
             raise ValueError(f"{path}: {err} (only tensors, containers, argparse.Namespace, numpy arrays and "

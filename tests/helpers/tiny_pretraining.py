@@ -1,6 +1,6 @@
 """Tiny pretraining inputs for tests that run ``run_pretrain.py`` the way a user does, built once per session.
 
-The same recipe as ``tests/test_run_pretrain.py``: the tiny config over the shipped text's own slice of
+The one recipe every such test uses: the tiny config over the shipped text's own slice of
 BERT's uncased vocabulary (the 5264 WordPieces the text uses, so the text tokenizes exactly as with the full
 vocab, and the MLM head costs a sixth of the full one), and HDF5 shards of the text (seq 64, 10 predictions).
 """
@@ -43,7 +43,7 @@ def _load_tool(name: str):
 
 
 def build_tiny_pretraining_data(root: str, dupe_factor: int = 1, seed: int = 5) -> TinyPretrainingData:
-    """Write the vocab slice, the config and the shards under ``root`` (dupe 1: ~1200 sequences)."""
+    """Write the vocab slice, the config and the shards under ``root`` (dupe 1: 1171 sequences, dupe 3: 3427)."""
     from paddle_megatronbert.tokenizer import MegatronBertTokenizer
 
     data = TinyPretrainingData(root)
@@ -73,11 +73,13 @@ def build_tiny_pretraining_data(root: str, dupe_factor: int = 1, seed: int = 5) 
 _SESSION_DATA = {}
 
 
-def shared_tiny_pretraining_data(tmp_path_factory) -> TinyPretrainingData:
-    """One build per pytest session, whichever module asks first (modules must not modify it)."""
-    key = str(tmp_path_factory.getbasetemp())
+def shared_tiny_pretraining_data(tmp_path_factory, dupe_factor: int = 1) -> TinyPretrainingData:
+    """One build per pytest session and ``dupe_factor``, whichever module asks first (modules must not
+    modify it)."""
+    key = (str(tmp_path_factory.getbasetemp()), dupe_factor)
     if key not in _SESSION_DATA:
-        _SESSION_DATA[key] = build_tiny_pretraining_data(str(tmp_path_factory.mktemp("tiny_pretraining")))
+        root = str(tmp_path_factory.mktemp(f"tiny_pretraining_dupe{dupe_factor}"))
+        _SESSION_DATA[key] = build_tiny_pretraining_data(root, dupe_factor=dupe_factor)
     return _SESSION_DATA[key]
 
 
