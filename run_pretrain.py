@@ -12,7 +12,8 @@ a directory with ``model_state.pdparams`` continues from its weights. Each data-
 shard files; tensor-parallel peers read the same. Logs every ``--logging_steps`` (and appends the same record
 to ``OUTPUT_DIR/metrics.jsonl``); checkpoints every ``--save_steps`` and at the end into
 ``OUTPUT_DIR/checkpoint-STEP`` (atomic; ``OUTPUT_DIR/latest`` names the newest) and resumes from the newest
-automatically. See docs/pretraining.md.
+automatically. A NaN or infinite loss stops the run with an error before it is logged or saved, so the newest
+checkpoint is the last good one. See docs/pretraining.md.
 """
 
 from __future__ import annotations

@@ -381,6 +381,8 @@ def make_parser(models=TRAIN_MODELS, default_models=DEFAULT_TRAIN_MODELS, seq_le
     if train:
         parser.add_argument("--profile", choices=("ours-fast", "ours-plain", "paddlenlp"),
                             help="instead of timing, profile one step of this contestant (in this process)")
+        parser.add_argument("--ops", action="store_true",
+                            help="instead of timing steps, time each fast-path op against its plain version")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     return parser
@@ -439,6 +441,59 @@ def profile_step(name, spec, top=15):
                       "top_ops_ms": {op: round(t * 1e3, 1) for op, t in per_op.most_common(top)}}))
 
 
+def time_ops(config, batch, seq, repeats=10):
+    """Forward + backward of each op the fast paths replace, fast vs plain, at this config's shapes, in
+    one process. The process settings (allocator, MKL path) are applied first and kept for both, so the
+    table isolates the kernels; the stride flag follows the switch."""
+    import numpy as np
+    import paddle
+
+    sys.path.insert(0, REPO)
+    from paddle_megatronbert import ops
+    from paddle_megatronbert.parallel import ColumnParallelLinear, RowParallelLinear
+
+    ops.use_fast_kernels(True)
+    h, f, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+
+    def leaf(*shape):
+        t = paddle.randn(list(shape))
+        t.stop_gradient = False
+        return t
+
+    x, x4h, residual = leaf(batch, seq, h), leaf(batch, seq, f), leaf(batch, seq, h)
+    q, k, v = (leaf(batch, heads, seq, h // heads) for _ in range(3))
+    mask = paddle.zeros([batch, 1, 1, seq])
+    ln_w, ln_b = leaf(h), leaf(h)
+    to_4h, from_4h, proj = ColumnParallelLinear(h, f), RowParallelLinear(f, h), ColumnParallelLinear(h, h)
+    cases = {
+        "layer_norm": lambda: ops.layer_norm(x, ln_w, ln_b, 1e-5),
+        "linear + bias + gelu (h->4h)": lambda: ops.linear_activation(to_4h, x, "gelu"),
+        "linear + bias + dropout + residual (4h->h)": lambda: ops.linear_dropout_add(from_4h, x4h, residual, 0.1, True),
+        "linear + bias + head split (h->h)": lambda: ops.linear_split_heads(proj, x, heads),
+        "attention core (mask, softmax, dropout)": lambda: ops.attention(q, k, v, mask, 0.1, True),
+        "head merge": lambda: ops.merge_heads(q),
+    }
+    print(f"fwd + bwd per op, ms (median of {repeats}), batch {batch} x seq {seq}, hidden {h}, "
+          f"{os.environ.get('OMP_NUM_THREADS')} threads")
+    print(f"{'op':<45} {'plain':>9} {'fast':>9}")
+    table = {}
+    for name, fn in cases.items():
+        row = []
+        for fast in (False, True):
+            ops.use_fast_kernels(fast)
+            run = lambda: fn().sum().backward()  # noqa: E731
+            run()
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                samples.append(time.perf_counter() - start)
+            row.append(float(np.median(samples)) * 1e3)
+        table[name] = {"plain_ms": round(row[0], 2), "fast_ms": round(row[1], 2)}
+        print(f"{name:<45} {row[0]:>9.2f} {row[1]:>9.2f}")
+    print(json.dumps({"ops": table}))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -449,6 +504,9 @@ def main(argv=None):
                     seq_len=args.seq_len, masked=args.masked, device=args.device, amp=args.amp, seed=args.seed,
                     threads=args.threads)
         return profile_step(args.profile, spec)
+    if args.ops:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        return time_ops({**CONFIGS[args.config], **COMMON}, args.batch_size, args.seq_len)
     config = {**CONFIGS[args.config], **COMMON}
     spec = dict(model_config=config, batch_size=args.batch_size, seq_len=args.seq_len, masked=args.masked,
                 device=args.device, amp=args.amp, seed=args.seed, threads=args.threads)

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--pretrain_steps", type=int, default=400)
     parser.add_argument("--squad_epochs", type=float, default=10)
+    parser.add_argument("--dupe_factor", type=int, default=5, help="masked copies of the text in the shards")
     args = parser.parse_args(argv)
 
     python = sys.executable
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         run("1/4 make HDF5 shards from data/sample_text.txt",
             [python, "tools/create_pretraining_data.py", "--input_file", "data/sample_text.txt", "--output_dir",
              shards, "--vocab_file", "megatronbert-uncased", "--max_seq_length", "128",
-             "--max_predictions_per_seq", "20", "--dupe_factor", "5", "--seed", "42"],
+             "--max_predictions_per_seq", "20", "--dupe_factor", str(args.dupe_factor), "--seed", "42"],
             os.path.join(out, "create_pretraining_data.log"))
         run("2/4 pretrain a tiny MegatronBERT (MLM + NSP) from scratch",
             [python, "run_pretrain.py", "--config_file", "configs/tiny.json", "--input_dir", shards,
