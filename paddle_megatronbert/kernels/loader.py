@@ -140,8 +140,13 @@ def _load_or_build() -> KernelLibrary:
         os.makedirs(cache_root(), exist_ok=True)
         with _file_lock(build_dir + ".lock"):
             if not os.path.isfile(library):  # another process may have built it while we waited
-                _build(build_dir)
-                _REGISTERED.add(library)
+                # Build beside, then rename: a build killed half-way never leaves a library to load.
+                staging = f"{build_dir}.building{os.getpid()}"
+                shutil.rmtree(staging, ignore_errors=True)
+                _build(staging)
+                shutil.rmtree(build_dir, ignore_errors=True)
+                os.replace(staging, build_dir)
+                _REGISTERED.add(library)  # registered from the staging path by the build
     if library not in _REGISTERED:
         from paddle.utils.cpp_extension.extension_utils import load_op_meta_info_and_register_op
 
