@@ -99,6 +99,9 @@ class MegatronBertConfig:
         sequence_parallel: reserved; not implemented (always False).
         recompute: recompute each layer's activations in the backward pass to save memory.
         use_fast_kernels: run the fast paths (custom CPU kernels, fused GPU ops) where available.
+        mlm_head_on_labelled_rows: in training, run the MLM head only on the rows whose label is not -100
+            (``prediction_logits`` is then (N, vocab) over those rows); ``masked_lm_positions`` does the same
+            without a host sync.
         dtype: parameter dtype (``float32``, ``float16``, ``bfloat16``).
     """
 
@@ -126,6 +129,7 @@ class MegatronBertConfig:
     sequence_parallel: bool = False
     recompute: bool = False
     use_fast_kernels: bool = True
+    mlm_head_on_labelled_rows: bool = False
     dtype: str = "float32"
     architectures: Optional[list] = None
     extra: Dict[str, Any] = field(default_factory=dict)

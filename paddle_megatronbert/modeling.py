@@ -374,13 +374,16 @@ class MegatronBertPretrainedModel(nn.Layer):
             model = cls(config)
             model.load_full_state_dict(state, strict=False, source=name_or_path)
             return model
+        explicit_tie = config is not None or "tie_word_embeddings" in config_overrides
         if config is None:
             config = MegatronBertConfig.from_pretrained(name_or_path, **config_overrides)
         elif config_overrides:
             config = MegatronBertConfig.from_dict(config.to_dict(), **config_overrides)
-        model = cls(config)
-        weights_dir = cls._resolve_weights_dir(name_or_path)
+        weights_dir = cls._resolve_weights_dir(name_or_path)  # before building: a missing file fails fast
         state = load_state_file(weights_dir)
+        if not explicit_tie:
+            config = _untie_for_separate_decoder(config, state, weights_dir)
+        model = cls(config)
         missing, _ = model.load_full_state_dict(state, strict=False, source=weights_dir)
         # Heads that the checkpoint does not have (a classifier on a pretrained body) start from init.
         body_missing = [k for k in missing if k.startswith(cls.base_model_prefix + ".")]
@@ -476,6 +479,25 @@ def _remove_stale_weights(directory: str, keep_shards: int) -> None:
         match = re.fullmatch(r"model_state\.tp(\d+)\.pdparams", name)
         if (match and int(match.group(1)) >= keep_shards) or (keep_shards and name == WEIGHTS_NAME):
             os.remove(os.path.join(directory, name))
+
+
+def _untie_for_separate_decoder(config: MegatronBertConfig, state, source: str) -> MegatronBertConfig:
+    """PaddleNLP's own MegatronBert keeps an LM decoder separate from the word embeddings: a checkpoint whose
+    decoder differs from its embeddings loads untied, so the model computes what that checkpoint computed."""
+    from .convert.paddlenlp import from_paddlenlp_names, is_paddlenlp_state
+
+    if not config.tie_word_embeddings or not is_paddlenlp_state(state):
+        return config
+    renamed = from_paddlenlp_names({k: v for k, v in state.items() if "decoder" in k or "word_embeddings" in k})
+    decoder = renamed.get("cls.predictions.decoder_weight")
+    embedding = renamed.get("bert.embeddings.word_embeddings.weight")
+    if decoder is None or embedding is None or np.array_equal(np.asarray(decoder), np.asarray(embedding)):
+        return config
+    import logging
+
+    logging.getLogger(__name__).info("%s: PaddleNLP checkpoint with a separate LM decoder: tie_word_embeddings=False",
+                                     source)
+    return MegatronBertConfig.from_dict(config.to_dict(), tie_word_embeddings=False)
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -698,6 +720,19 @@ class _LMHeadMixin:
         kept = (flat_labels != -100).astype(losses.dtype)
         return losses.sum() / kept.sum().clip(min=1.0)
 
+    def _mlm_rows(self, sequence_output, labels, masked_lm_positions):
+        """The rows the LM head runs on, and their labels: ``masked_lm_positions`` (B, P) when given; with
+        ``config.mlm_head_on_labelled_rows`` (training only) the rows whose label is not -100, flattened to
+        (N, H) and (N,) (a host sync to count them); else every row."""
+        if masked_lm_positions is not None:
+            return _gather_positions(sequence_output, masked_lm_positions), labels
+        if labels is not None and self.config.mlm_head_on_labelled_rows and self.training:
+            flat_labels = labels.reshape([-1])
+            rows = paddle.nonzero(flat_labels != -100).reshape([-1])
+            hidden = sequence_output.reshape([-1, sequence_output.shape[-1]])
+            return paddle.gather(hidden, rows), paddle.gather(flat_labels, rows)
+        return sequence_output, labels
+
     def _full_logits(self, logits):
         return gather_vocab_logits(logits, self.config.vocab_size)
 
@@ -721,9 +756,7 @@ class MegatronBertForPreTraining(MegatronBertPretrainedModel, _LMHeadMixin):
                 next_sentence_label=None, masked_lm_positions=None, output_hidden_states=False, return_dict=False):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                             return_dict=True)
-        sequence_output = outputs.last_hidden_state
-        if masked_lm_positions is not None:
-            sequence_output = _gather_positions(sequence_output, masked_lm_positions)
+        sequence_output, labels = self._mlm_rows(outputs.last_hidden_state, labels, masked_lm_positions)
         logits, seq_relationship_logits = self.cls(sequence_output, outputs.pooler_output)
         loss = mlm_loss = nsp_loss = None
         if labels is not None:
@@ -770,9 +803,7 @@ class MegatronBertForMaskedLM(MegatronBertPretrainedModel, _LMHeadMixin):
                 masked_lm_positions=None, output_hidden_states=False, return_dict=False):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                             return_dict=True)
-        sequence_output = outputs.last_hidden_state
-        if masked_lm_positions is not None:
-            sequence_output = _gather_positions(sequence_output, masked_lm_positions)
+        sequence_output, labels = self._mlm_rows(outputs.last_hidden_state, labels, masked_lm_positions)
         logits = self.cls(sequence_output)
         loss = self._lm_loss(logits, labels) if labels is not None else None
         return _as_output(return_dict, loss=loss, logits=self._full_logits(logits), hidden_states=outputs.hidden_states)

@@ -245,6 +245,27 @@ def test_masked_positions_head_equals_full_head():
                                atol=1e-5)
 
 
+def test_labelled_rows_head_equals_full_head_in_training():
+    paddle.seed(0)
+    plain = MegatronBertForPreTraining(tiny_config())
+    paddle.seed(0)
+    selective = MegatronBertForPreTraining(tiny_config(mlm_head_on_labelled_rows=True))
+    input_ids, token_type_ids, attention_mask = make_batch()
+    labels = labels_for("MegatronBertForPreTraining", input_ids, plain.config)
+    inputs = to_paddle(dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                            **labels))
+    full = plain(**inputs, return_dict=True)
+    rows = selective(**inputs, return_dict=True)
+    kept = labels["labels"] != -100
+    assert rows.prediction_logits.shape == [int(kept.sum()), 99]
+    np.testing.assert_allclose(float(rows.loss), float(full.loss), atol=1e-6)
+    np.testing.assert_allclose(rows.prediction_logits.numpy(), full.prediction_logits.numpy()[kept], atol=1e-5)
+    full.loss.backward()
+    rows.loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), selective.parameters()):
+        np.testing.assert_allclose(b.grad.numpy(), a.grad.numpy(), atol=1e-6, err_msg=name)
+
+
 # ---- save / load ----------------------------------------------------------------------------------
 def test_save_pretrained_from_pretrained_bit_identical(tmp_path):
     paddle.seed(0)
@@ -290,10 +311,10 @@ def test_paddlenlp_checkpoint_loads_and_matches_paddlenlp_outputs(tmp_path):
         # Paddle's Embedding(padding_idx=0) reads zeros for [PAD] whatever the row holds: make the row say so.
         word_embeddings = reference.megatronbert.embeddings.word_embeddings.weight
         word_embeddings.set_value(paddle.concat([paddle.zeros([1, 32]), word_embeddings[1:]]))
-    paddle.save(reference.state_dict(), str(tmp_path / "model_state.pdparams"))
-    # PaddleNLP forces LayerNorm eps 1e-12 and keeps its decoder untied: the equivalent config.
-    tiny_config(layer_norm_eps=1e-12, tie_word_embeddings=False).save_pretrained(str(tmp_path))
+    # The directory exactly as PaddleNLP writes it (its config.json, its names, its untied decoder).
+    reference.save_pretrained(str(tmp_path))
     ours = MegatronBertForPreTraining.from_pretrained(str(tmp_path))
+    assert ours.config.tie_word_embeddings is False and ours.config.layer_norm_eps == 1e-12
     ours.eval()
 
     input_ids, token_type_ids, _ = make_batch(seed=4)
