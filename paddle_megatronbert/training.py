@@ -141,14 +141,14 @@ def no_decay_parameter(name: str, param) -> bool:
 
 def linear_warmup_decay(learning_rate: float, total_steps: int, warmup):
     """Linear warm-up to ``learning_rate`` then linear decay to 0 at ``total_steps``.
-    ``warmup`` is a step count (int) or a proportion of ``total_steps`` (float < 1).
+    ``warmup`` is a step count (int) or a proportion of ``total_steps`` (any float, 1.0 = all of them).
 
     The same schedule as PaddleNLP's ``LinearDecayWithWarmup`` (and its state dict), built on Paddle's
     ``LambdaDecay`` so a runner does not import paddlenlp (seconds of start-up) for it.
     """
     import paddle
 
-    warmup_steps = int(warmup) if isinstance(warmup, int) or float(warmup) >= 1 else int(math.floor(warmup * total_steps))
+    warmup_steps = warmup if isinstance(warmup, int) else int(math.floor(warmup * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -141,11 +141,9 @@ def test_linear_warmup_decay_values():
                                atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="linear_warmup_decay reads float warmup >= 1 as a step count, so "
-                   "--warmup_proportion 1.0 (accepted by training_argument_problems) warms up for 1 step, "
-                   "not all of them; PaddleNLP's LinearDecayWithWarmup treats any float as a proportion")
 def test_warmup_proportion_one_warms_up_over_every_step():
     lr, total = 0.5, 10
-    expected = [lr * s / total for s in range(total + 1)]
+    # warm-up over all 10 steps, then the decay's end point: 0 at total_steps (PaddleNLP gives the same)
+    expected = [lr * s / total for s in range(total)] + [0.0]
     np.testing.assert_allclose(schedule_values(linear_warmup_decay(lr, total, 1.0), total), expected, rtol=0,
                                atol=1e-12)
