@@ -11,6 +11,13 @@ Contestants, on identical shapes and batches (MLM on ``--masked`` positions per 
   paddlenlp-tuned  PaddleNLP with our process-level CPU settings (stride kernels off, MKL's AVX2 path on
               AMD, freed memory kept in the heap): how much of our lead is settings, not code (not default)
 
+Every contestant starts from the same weights: a child process draws one random state of our model
+(``--seed``; our names, Paddle's ``[in, out]`` Linear layout) into a temporary .npz, and each worker loads
+it, renamed for PaddleNLP and transposed for HF torch. Before any step each worker computes the loss of the
+first batch in eval mode (dropout off): these parity losses are printed, and the run stops with a non-zero
+exit when an fp32 contestant's differs from ours by more than 1e-3 (bf16 ones are only reported). Every
+model uses LayerNorm eps 1e-12, which PaddleNLP forces. Timed steps run in train mode (dropout 0.1).
+
 Each contestant lives in its own worker process: flags (Paddle's stride kernels), thread pools (Paddle's
 Intel OpenMP vs torch's GNU OpenMP) and peak memory stay separate. The driver asks the workers for one
 step in turn (the order rotates each round), so a busy moment on the machine hits every contestant;
@@ -28,6 +35,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +48,9 @@ CONFIGS = {
     "345m": dict(vocab_size=30592, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                  intermediate_size=4096, max_position_embeddings=512),
 }
-COMMON = dict(type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-5,
+# LayerNorm eps 1e-12: PaddleNLP's MegatronBert forces it on every LayerNorm whatever its config says, so
+# ours and HF's use it too and every contestant computes the same function.
+COMMON = dict(type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12,
               hidden_act="gelu")
 TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16", "torch-masked", "paddlenlp-tuned")
 DEFAULT_TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16")
@@ -77,6 +87,93 @@ def pretraining_flops(config, batch, seq, lm_rows):
     h, v = config["hidden_size"], config["vocab_size"]
     forward = encoder_flops(config, batch, seq) + 2 * lm_rows * (h * h + h * v) + 2 * batch * h * h
     return 3 * forward
+
+
+# ---- one set of weights for every contestant -------------------------------------------------------
+WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
+PARITY_TOLERANCE = 1e-3  # absolute, on the eval-mode loss of the first batch, fp32 contestants against ours
+# Our names -> PaddleNLP's, applied in order (the inverse of paddle_megatronbert/convert/paddlenlp.py).
+_TO_PADDLENLP = [
+    (r"^bert\.", "megatronbert."),
+    (r"\.attention\.ln\.", ".attention.layer_norm."),
+    (r"(\.layer\.\d+)\.ln\.", r"\1.layer_norm."),
+    (r"^megatronbert\.encoder\.ln\.", "megatronbert.encoder.layer_norm."),
+    (r"\.transform\.LayerNorm\.", ".transform.layer_norm."),
+    (r"^cls\.predictions\.bias$", "cls.predictions.decoder_bias"),
+]
+
+
+def write_shared_state(spec, path):
+    """Random weights of our ``MegatronBertForPreTraining`` (seed ``spec["seed"]``) saved to ``path`` (.npz).
+
+    Our names and layout (Linear ``[in, out]``); LayerNorm gains and biases are moved off 1 and 0 so a
+    mis-mapped one shows in the parity losses; row 0 (the [PAD] id) of the word embeddings is zero because
+    PaddleNLP's embedding has ``padding_idx=0`` and outputs zeros for it whatever the weights say.
+    """
+    import numpy as np
+
+    _paddle_setup(spec)
+    sys.path.insert(0, REPO)
+    from paddle_megatronbert import MegatronBertConfig, MegatronBertForPreTraining
+
+    model = MegatronBertForPreTraining(MegatronBertConfig(**spec["model_config"], use_fast_kernels=False))
+    rng = np.random.RandomState(spec["seed"])
+    state = {}
+    for name, param in model.state_dict().items():
+        value = param.numpy().astype("float32")
+        if value.ndim == 1:
+            value = value + rng.normal(0.0, 0.02, value.shape).astype("float32")
+        state[name] = value
+    state[WORD_EMBEDDINGS][0] = 0.0
+    np.savez(path, **state)
+
+
+def load_shared_state(path):
+    import numpy as np
+
+    with np.load(path) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def to_paddlenlp_state(state):
+    """Our state -> PaddleNLP's ``MegatronBertForPreTraining`` (same layout; its LM decoder is a separate
+    parameter, given the word embeddings as ours and HF's tie them)."""
+    import re
+
+    out = {}
+    for name, value in state.items():
+        for pattern, replacement in _TO_PADDLENLP:
+            name = re.sub(pattern, replacement, name)
+        out[name] = value
+    out["cls.predictions.decoder_weight"] = state[WORD_EMBEDDINGS]
+    return out
+
+
+def to_hf_state(state):
+    """Our state -> HF's ``MegatronBertForPreTraining`` (numpy): 2-D Linear weights transposed to torch's
+    ``[out, in]``, embeddings not; the tied decoder is the word embeddings, its bias ``cls.predictions.bias``
+    (the inverse of ``tests/test_modeling.py::hf_state_to_ours``)."""
+    import numpy as np
+
+    out = {}
+    for name, value in state.items():
+        if value.ndim == 2 and "embeddings" not in name:
+            value = np.ascontiguousarray(value.T)
+        out[name] = value
+    out["cls.predictions.decoder.weight"] = state[WORD_EMBEDDINGS]
+    out["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
+    return out
+
+
+def _load_paddle_state(model, state, source):
+    """``set_state_dict`` that fails on any parameter left out (Paddle's only warns)."""
+    own = model.state_dict()
+    missing = [k for k, v in own.items() if k not in state and not k.endswith("position_ids")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise KeyError(f"{source} does not match {type(model).__name__}: missing {missing[:8]}, "
+                       f"unexpected {unexpected[:8]}")
+    model.set_state_dict({k: v for k, v in state.items()})
 
 
 # ---- workers --------------------------------------------------------------------------------------
@@ -136,32 +233,33 @@ def _torch_amp(torch, device, dtype_name):
 
 
 def build_train_step(name, spec):
-    """A function that runs one training step and returns its loss (a float: the host sync is timed)."""
+    """Build one contestant: returns ``(step, info)``. ``step()`` runs one training step and returns its
+    loss (a float: the host sync is timed). ``info["parity_loss"]`` is the loss of the first batch in eval
+    mode (dropout off, no gradients) before any step, with the shared weights when ``spec["state_path"]``
+    names them: the proof that every contestant computes the same function."""
     config, batch = spec["model_config"], make_pretraining_batch(spec["model_config"], spec["batch_size"],
                                                                 spec["seq_len"], spec["masked"], spec["seed"])
+    state = load_shared_state(spec["state_path"]) if spec.get("state_path") else None
     if name in ("ours-fast", "ours-plain"):
         paddle = _paddle_setup(spec)
         sys.path.insert(0, REPO)
         from paddle_megatronbert import MegatronBertConfig, MegatronBertForPreTraining
 
         model = MegatronBertForPreTraining(MegatronBertConfig(**config, use_fast_kernels=name == "ours-fast"))
-        model.train()
+        if state is not None:
+            model.load_full_state_dict(state, source=spec["state_path"])
         opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
         inputs = {k: paddle.to_tensor(v) for k, v in batch.items()}
 
-        def step():
+        def loss_of_batch():
             with _paddle_amp(paddle, spec):
-                out = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
-                            labels=inputs["mlm_labels"], next_sentence_label=inputs["nsp_labels"],
-                            masked_lm_positions=inputs["masked_positions"], return_dict=True)
-            out.loss.backward()
-            opt.step()
-            opt.clear_grad()
-            return float(out.loss)
+                return model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
+                             labels=inputs["mlm_labels"], next_sentence_label=inputs["nsp_labels"],
+                             masked_lm_positions=inputs["masked_positions"], return_dict=True).loss
 
-        return step
+        no_grad, clear_grad = paddle.no_grad, opt.clear_grad
 
-    if name in ("paddlenlp", "paddlenlp-tuned"):
+    elif name in ("paddlenlp", "paddlenlp-tuned"):
         paddle = _paddle_setup(spec)
         import numpy as np
         import paddle.nn.functional as F
@@ -173,66 +271,78 @@ def build_train_step(name, spec):
 
             ops.use_fast_kernels(True)  # only its process settings act: PaddleNLP's code never calls our ops
         model = MegatronBertForPreTraining(MegatronBertConfig(**config))
-        model.train()
+        if state is not None:
+            _load_paddle_state(model, to_paddlenlp_state(state), spec["state_path"])
         opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
         inputs = {k: paddle.to_tensor(v) for k, v in batch.items()}
         b, s = spec["batch_size"], spec["seq_len"]
         flat_positions = paddle.to_tensor((batch["masked_positions"] + np.arange(b)[:, None] * s).reshape(-1))
 
-        def step():
+        def loss_of_batch():
             # As PaddleNLP's BERT pretraining example does: logits over every position, then the masked rows.
             # No attention_mask: PaddleNLP builds it from the [PAD] ids (a 2-D 0/1 mask would not be converted).
             with _paddle_amp(paddle, spec):
                 scores, nsp = model(inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
                 rows = paddle.gather(scores.reshape([-1, scores.shape[-1]]), flat_positions)
                 mlm = F.cross_entropy(rows.astype("float32"), inputs["mlm_labels"].reshape([-1, 1]))
-                loss = mlm + F.cross_entropy(nsp.astype("float32"), inputs["nsp_labels"].reshape([-1, 1]))
-            loss.backward()
-            opt.step()
-            opt.clear_grad()
-            return float(loss)
+                return mlm + F.cross_entropy(nsp.astype("float32"), inputs["nsp_labels"].reshape([-1, 1]))
 
-        return step
+        no_grad, clear_grad = paddle.no_grad, opt.clear_grad
 
-    if name in ("torch", "torch-bf16", "torch-masked"):
+    elif name in ("torch", "torch-bf16", "torch-masked"):
         torch, device = _torch_setup(spec)
         import torch.nn.functional as TF
         from transformers import MegatronBertConfig, MegatronBertForPreTraining
 
-        model = MegatronBertForPreTraining(MegatronBertConfig(**config)).to(device)
-        model.train()
+        model = MegatronBertForPreTraining(MegatronBertConfig(**config))
+        if state is not None:
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in to_hf_state(state).items()}, strict=True)
+        model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
         amp = "bf16" if name == "torch-bf16" else spec["amp"]
         rows_index = torch.arange(spec["batch_size"], device=device).unsqueeze(-1)
 
-        def step():
+        def loss_of_batch():
             with _torch_amp(torch, device, amp):
                 if name == "torch-masked":
                     seq_out, pooled = model.bert(inputs["input_ids"], inputs["attention_mask"],
                                                  inputs["token_type_ids"])[:2]
                     rows = seq_out[rows_index, inputs["masked_positions"]]
                     scores, nsp = model.cls(rows, pooled)
-                    loss = TF.cross_entropy(scores.float().flatten(0, 1), inputs["mlm_labels"].flatten()) + \
+                    return TF.cross_entropy(scores.float().flatten(0, 1), inputs["mlm_labels"].flatten()) + \
                         TF.cross_entropy(nsp.float(), inputs["nsp_labels"])
-                else:
-                    loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
-                                 labels=inputs["full_labels"], next_sentence_label=inputs["nsp_labels"]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            return loss.detach().item()
+                return model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"],
+                             labels=inputs["full_labels"], next_sentence_label=inputs["nsp_labels"]).loss
 
-        return step
-    raise ValueError(f"unknown contestant {name!r}; choose from {TRAIN_MODELS}")
+        no_grad, clear_grad = torch.no_grad, opt.zero_grad
+
+    else:
+        raise ValueError(f"unknown contestant {name!r}; choose from {TRAIN_MODELS}")
+    del state  # the model holds its own copy now
+
+    model.eval()
+    with no_grad():
+        parity_loss = float(loss_of_batch())
+    model.train()
+
+    def step():
+        loss = loss_of_batch()
+        loss.backward()
+        opt.step()
+        clear_grad()
+        return float(loss.detach())
+
+    return step, {"parity_loss": parity_loss}
 
 
 def run_worker(name, spec, build):
     """Serve ``step`` requests on stdin; answer each with one JSON line on stdout."""
-    step = build(name, spec)
+    built = build(name, spec)  # a step, or (step, info): info goes back in the "ready" line
+    step, info = built if isinstance(built, tuple) else (built, {})
     reply = sys.stdout
     sys.stdout = sys.stderr  # library prints must not corrupt the protocol
-    print(json.dumps({"ready": True}), file=reply, flush=True)
+    print(json.dumps({"ready": True, **info}), file=reply, flush=True)
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
@@ -256,8 +366,7 @@ class Worker:
         self.name = name
         self.proc = subprocess.Popen([sys.executable, script, "--worker", name, "--spec", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.ask = None
-        self._read()  # ready
+        self.ready = self._read()  # {"ready": true, ...what the builder reported}
 
     def _read(self):
         line = self.proc.stdout.readline()
@@ -279,14 +388,20 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def time_interleaved(script, names, spec, warmup, steps, gap_s, threads):
-    """Median step time per contestant, measured round-robin; warm-up excluded."""
+def time_interleaved(script, names, spec, warmup, steps, gap_s, threads, check_ready=None):
+    """Median step time per contestant, measured round-robin; warm-up excluded.
+
+    ``check_ready``, when given, is called with ``{name: ready line}`` of every worker once all are built,
+    before any step: it may raise to stop the run (the workers are closed)."""
     workers = []
     try:
         for name in names:  # one at a time: building a model is not timed, but it loads the CPU
             workers.append(Worker(script, name, spec, threads))
+        if check_ready is not None:
+            check_ready({w.name: w.ready for w in workers})
+        for worker in workers:
             for _ in range(warmup):
-                workers[-1].request("step")
+                worker.request("step")
         times = {w.name: [] for w in workers}
         losses = {w.name: [] for w in workers}
         for round_index in range(steps):
@@ -318,7 +433,7 @@ def machine_description(device):
     return {"cpu": cpu, "cores": os.cpu_count(), "device": device, "load_avg_1min": round(load, 2)}
 
 
-def summarize(times, losses, memory, flops, tokens, reference="ours-fast"):
+def summarize(times, losses, memory, flops, tokens, reference="ours-fast", parity_losses=None):
     results = {}
     for name, values in times.items():
         median = statistics.median(values)
@@ -330,6 +445,8 @@ def summarize(times, losses, memory, flops, tokens, reference="ours-fast"):
             "first_loss": round(losses[name][0], 4),
             **{k: round(v, 1) for k, v in memory[name].items()},
         }
+        if parity_losses and name in parity_losses:
+            results[name]["parity_loss"] = round(parity_losses[name], 6)
     # Ratios of medians (the headline) and of minima: on a shared machine a step that lost its cores to
     # another process's work inflates the median; the minimum is the least disturbed step of each.
     ratios = {}
@@ -343,15 +460,21 @@ def summarize(times, losses, memory, flops, tokens, reference="ours-fast"):
 
 def print_table(title, results, ratios):
     print(title)
+    with_parity = any("parity_loss" in row for row in results.values())
     with_loss = any("first_loss" in row for row in results.values())
     header = f"{'model':<15} {'median s':>9} {'min s':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'peak RSS MB':>11}"
-    header += f" {'loss':>8}" if with_loss else ""
+    header += f" {'parity loss':>11}" if with_parity else ""
+    header += f" {'1st step loss':>13}" if with_loss else ""
     print(header)
     print("-" * len(header))
     for name, row in results.items():
         line = (f"{name:<15} {row['median_s']:>9.4f} {row['min_s']:>8.4f} {row['tokens_per_s']:>9.1f} "
                 f"{row['tflops']:>8.4f} {row['peak_rss_mb']:>11.0f}")
-        print(line + (f" {row['first_loss']:>8.3f}" if with_loss else ""))
+        line += f" {row.get('parity_loss', float('nan')):>11.5f}" if with_parity else ""
+        print(line + (f" {row['first_loss']:>13.3f}" if with_loss else ""))
+    if with_parity:
+        print("parity loss: the first batch in eval mode (dropout off) with the shared weights, before any step; "
+              "1st step loss: the first timed step (train mode, dropout 0.1, after warm-up)")
     for key, value in ratios.items():
         if not key.endswith("(min)"):
             other, reference = key.split("/")
@@ -383,6 +506,7 @@ def make_parser(models=TRAIN_MODELS, default_models=DEFAULT_TRAIN_MODELS, seq_le
                             help="instead of timing, profile one step of this contestant (in this process)")
         parser.add_argument("--ops", action="store_true",
                             help="instead of timing steps, time each fast-path op against its plain version")
+    parser.add_argument("--write_state", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     return parser
@@ -412,7 +536,7 @@ def profile_step(name, spec, top=15):
 
     import paddle.profiler as profiler
 
-    step = build_train_step(name, spec)
+    step, _ = build_train_step(name, spec)
     step()
     with tempfile.TemporaryDirectory() as trace_dir:
         prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU],
@@ -494,8 +618,49 @@ def time_ops(config, batch, seq, repeats=10):
     print(json.dumps({"ops": table}))
 
 
+def make_shared_state(spec, directory, threads):
+    """Write the one set of random weights every contestant loads (in a child process, so this driver
+    never imports Paddle nor holds the weights); returns the .npz path."""
+    path = os.path.join(directory, "shared_state.npz")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=REPO + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--write_state", path, "--spec", json.dumps(spec)],
+                   check=True, env=env, stdout=sys.stderr)
+    return path
+
+
+def fp32_contestants(names, amp):
+    return [n for n in names if amp == "none" and n != "torch-bf16"]
+
+
+def parity_summary(parity_losses, amp):
+    reference = next((n for n in ("ours-fast", "ours-plain") if n in parity_losses), None)
+    fp32 = [n for n in fp32_contestants(parity_losses, amp) if reference]
+    return {"losses": {n: round(v, 6) for n, v in parity_losses.items()}, "reference": reference,
+            "tolerance": PARITY_TOLERANCE, "checked": fp32,
+            "max_abs_diff": max((round(abs(parity_losses[n] - parity_losses[reference]), 7) for n in fp32),
+                                default=None)}
+
+
+def check_parity(parity_losses, amp):
+    """Print each contestant's eval-mode loss of the first batch; exit non-zero when an fp32 contestant
+    differs from ours by more than ``PARITY_TOLERANCE`` (then they would not do the same computation)."""
+    reference = next((n for n in ("ours-fast", "ours-plain") if n in parity_losses), None)
+    print("parity losses (first batch, eval mode, shared weights): " +
+          ", ".join(f"{n} {v:.5f}" for n, v in parity_losses.items()), flush=True)
+    if reference is None:
+        return
+    bad = {n: parity_losses[n] for n in fp32_contestants(parity_losses, amp)
+           if abs(parity_losses[n] - parity_losses[reference]) > PARITY_TOLERANCE}
+    if bad:
+        raise SystemExit(f"parity check failed: {bad} differ from {reference}'s {parity_losses[reference]:.5f} "
+                         f"by more than {PARITY_TOLERANCE} (the contestants do not compute the same function)")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.write_state:
+        return write_shared_state(json.loads(args.spec), args.write_state)
     if args.worker:
         return run_worker(args.worker, json.loads(args.spec), build_train_step)
     if args.profile:
@@ -510,21 +675,31 @@ def main(argv=None):
     config = {**CONFIGS[args.config], **COMMON}
     spec = dict(model_config=config, batch_size=args.batch_size, seq_len=args.seq_len, masked=args.masked,
                 device=args.device, amp=args.amp, seed=args.seed, threads=args.threads)
-    times, losses, memory = time_interleaved(os.path.abspath(__file__), args.names, spec, args.warmup, args.steps,
-                                             args.gap, args.threads)
+    parity_losses = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as state_dir:
+        spec["state_path"] = make_shared_state(spec, state_dir, args.threads)
+
+        def check_ready(ready):
+            parity_losses.update({name: line["parity_loss"] for name, line in ready.items()})
+            check_parity(parity_losses, spec["amp"])
+
+        times, losses, memory = time_interleaved(os.path.abspath(__file__), args.names, spec, args.warmup,
+                                                 args.steps, args.gap, args.threads, check_ready)
     masked_rows = args.batch_size * args.masked
     full_rows = args.batch_size * args.seq_len
     lm_rows = {n: full_rows if n in ("paddlenlp", "paddlenlp-tuned", "torch", "torch-bf16") else masked_rows
                for n in args.names}
     flops = {n: pretraining_flops(config, args.batch_size, args.seq_len, lm_rows[n]) for n in args.names}
     reference = "ours-fast" if "ours-fast" in times else "ours-plain"
-    results, ratios = summarize(times, losses, memory, flops, args.batch_size * args.seq_len, reference)
+    results, ratios = summarize(times, losses, memory, flops, args.batch_size * args.seq_len, reference,
+                                parity_losses)
     print_table(f"training step, {args.config}, batch {args.batch_size} x seq {args.seq_len}, {args.masked} masked "
                 f"per sequence, {args.threads} threads, {args.device}, amp {args.amp}, median of {args.steps}",
                 results, ratios)
     print(json.dumps({"bench": "train", "config": args.config, "batch_size": args.batch_size,
                       "seq_len": args.seq_len, "masked": args.masked, "amp": args.amp, "steps": args.steps,
-                      "machine": machine_description(args.device), "results": results, "ratios": ratios}))
+                      "machine": machine_description(args.device), "results": results, "ratios": ratios,
+                      "parity": parity_summary(parity_losses, spec["amp"])}))
 
 
 if __name__ == "__main__":
