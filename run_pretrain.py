@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parallel.add_argument("--tensor_parallel_degree", type=int, default=1)
     parallel.add_argument("--data_parallel_degree", type=int, default=None, help="default: world / (tp x sharding)")
     parallel.add_argument("--sharding_degree", type=int, default=1, help="ZeRO-1: optimizer state split over N ranks")
+    parallel.add_argument("--sharding_stage", type=int, default=1, choices=[1, 2, 3],
+                          help="ZeRO stage of --sharding_degree: 1 (optimizer state); 2/3 are refused (GPU-only in "
+                               "Paddle, not wired into tensor parallelism here)")
 
     args = parser.parse_args(argv)
     if args.use_amp and args.amp == "none":
@@ -106,6 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     problems = training_argument_problems(args)
     if args.max_predictions_per_seq < 1:
         problems.append(f"--max_predictions_per_seq must be >= 1, got {args.max_predictions_per_seq}")
+    from paddle_megatronbert.distributed import sharding_stage_problem
+
+    if sharding_stage_problem(args.sharding_stage):
+        problems.append(f"--sharding_stage: {sharding_stage_problem(args.sharding_stage)}")
     if problems:
         parser.error("; ".join(problems))
     return args
@@ -294,7 +301,8 @@ def main(argv=None) -> dict:
     model, weights_source = build_model(args, config)
     lr_scheduler = linear_warmup_decay(args.learning_rate, total_steps, warmup)
     optimizer = wrap_optimizer(build_optimizer(model, lr_scheduler, args.weight_decay, args.adam_epsilon,
-                                               args.max_grad_norm, args.adam_beta1, args.adam_beta2), topo)
+                                               args.max_grad_norm, args.adam_beta1, args.adam_beta2), topo,
+                               sharding_stage=args.sharding_stage)
     train_model = wrap_model(model, topo)
     scaler = build_grad_scaler(amp, args.scale_loss, topo)
 

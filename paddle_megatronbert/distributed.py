@@ -229,6 +229,20 @@ def unwrap_model(model):
     return model
 
 
+def sharding_stage_problem(sharding_stage: int):
+    """Why a ZeRO stage cannot run here (a runner reports it before any work), or None for stage 1."""
+    if sharding_stage not in (1, 2, 3):
+        return f"sharding_stage must be 1, 2 or 3, got {sharding_stage}"
+    if sharding_stage > 1:
+        import paddle
+
+        where = "on CPU: Paddle's group_sharded_parallel runs only on GPU, XPU and custom devices" if (
+            paddle.get_device() == "cpu") else "here: this project wires only stage 1 into tensor parallelism"
+        return (f"ZeRO sharding stage {sharding_stage} is not available {where}; use stage 1 "
+                "(--sharding_degree N shards the optimizer state)")
+    return None
+
+
 def wrap_optimizer(optimizer, topo: Topology, sharding_stage: int = 1):
     """fleet's HybridParallelOptimizer around ``optimizer`` in a multi-process run.
 
@@ -238,15 +252,9 @@ def wrap_optimizer(optimizer, topo: Topology, sharding_stage: int = 1):
     Stages 2 and 3 (gradient / parameter sharding, ``group_sharded_parallel``) are refused: Paddle runs
     them only on GPU/XPU, and they are not wired into this model's tensor-parallel layers.
     """
-    if sharding_stage not in (1, 2, 3):
-        raise ValueError(f"sharding_stage must be 1, 2 or 3, got {sharding_stage}")
-    if sharding_stage > 1:
-        import paddle
-
-        where = "on CPU: Paddle's group_sharded_parallel runs only on GPU, XPU and custom devices" if (
-            paddle.get_device() == "cpu") else "here: this project wires only stage 1 into tensor parallelism"
-        raise ValueError(f"ZeRO sharding stage {sharding_stage} is not available {where}; use stage 1 "
-                         "(--sharding_degree N shards the optimizer state)")
+    problem = sharding_stage_problem(sharding_stage)
+    if problem:
+        raise ValueError(problem)
     if topo.world_size == 1:
         return optimizer
     from paddle.distributed import fleet

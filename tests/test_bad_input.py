@@ -255,6 +255,9 @@ CASES = {
         no_work=True),
     "pretrain-warmup_proportion_above_1": Case(PRETRAIN, lambda i: i.pretrain(warmup_proportion="1.5"),
                                                r"--warmup_proportion must be in \[0, 1\], got 1\.5", no_work=True),
+    "pretrain-zero_stage_2_on_cpu": Case(
+        PRETRAIN, lambda i: i.pretrain(sharding_stage="2"),
+        r"--sharding_stage: ZeRO sharding stage 2 is not available on CPU", no_work=True),
     "pretrain-max_steps_zero": Case(PRETRAIN, lambda i: i.pretrain(max_steps="0"),
                                     r"--max_steps must be >= 1, or -1 to train for --num_train_epochs; got 0",
                                     no_work=True),
