@@ -262,6 +262,7 @@ def main(argv=None) -> dict:
         latest_checkpoint,
         linear_warmup_decay,
         load_checkpoint,
+        optimizer_step,
         pretraining_flops_per_sequence,
         resolve_amp,
         save_checkpoint,
@@ -365,12 +366,7 @@ def main(argv=None) -> dict:
                 parts = [out.loss.detach(), out.mlm_loss.detach(), out.nsp_loss.detach()]
                 parts = [p.astype("float32") / accumulation for p in parts]
                 window_sums = parts if window_sums is None else [a + b for a, b in zip(window_sums, parts)]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.clear_grad()
+            optimizer_step(optimizer, scaler)
             lr_scheduler.step()
             step += 1
             window_steps += 1

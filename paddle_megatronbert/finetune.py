@@ -265,7 +265,7 @@ def finetune(
     import paddle
 
     from .distributed import wrap_model, wrap_optimizer
-    from .training import build_optimizer, check_finite_loss, linear_warmup_decay
+    from .training import autocast, build_optimizer, check_finite_loss, linear_warmup_decay, optimizer_step
 
     if not train_features:
         raise ValueError("no training features (every training example was skipped?)")
@@ -326,8 +326,7 @@ def finetune(
         _barrier(topo)
         train_model.train()
 
-    amp_context = (lambda: paddle.amp.auto_cast(enable=True, dtype=args.amp_dtype, level="O1")) if args.use_amp \
-        else contextlib.nullcontext
+    amp = {"float16": "fp16", "bfloat16": "bf16"}[args.amp_dtype] if args.use_amp else "none"
     train_model.train()
     # Losses are summed as tensors and read once per log line: reading one per step syncs a GPU each step.
     epoch, loss_sum, loss_count, tic = 0, 0.0, 0, time.time()
@@ -339,20 +338,15 @@ def finetune(
             final_micro = (batch_index + 1) % accumulation == 0
             no_sync = getattr(train_model, "no_sync", None) if not final_micro else None
             with (no_sync() if no_sync is not None else contextlib.nullcontext()):
-                with amp_context():
+                with autocast(amp):
                     loss = train_model(**collate([train_features[i] for i in indices]), return_dict=True)["loss"]
                 loss = loss / accumulation
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum, loss_count = loss_sum + loss.detach() * accumulation, loss_count + 1
             if not final_micro:
                 continue
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(optimizer, scaler)
             lr_scheduler.step()
-            optimizer.clear_grad()
             state.global_step += 1
             if state.global_step % args.logging_steps == 0:
                 loss_value = _mean_over_ranks(float(loss_sum) / loss_count, topo)

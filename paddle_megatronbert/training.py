@@ -217,6 +217,17 @@ def build_grad_scaler(amp: str, init_loss_scaling: float = 2.0**15, topo=None):
     return scaler
 
 
+def optimizer_step(optimizer, scaler=None) -> None:
+    """Apply the accumulated gradients (through the loss scaler under fp16: it skips the step on overflow)
+    and clear them."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.clear_grad()
+
+
 # ---- FLOPs -----------------------------------------------------------------------------------------
 def pretraining_flops_per_sequence(config, seq_length: int, num_predictions: int, recompute: bool = False) -> float:
     """FLOPs to train on one sequence: matmuls only (2 per multiply-add), backward = 2x forward, plus
