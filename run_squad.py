@@ -12,56 +12,46 @@ See docs/finetuning.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 from paddle_megatronbert.training import setup_cpu_threads
 
 setup_cpu_threads()  # before paddle is imported (it pins OMP to 1 thread otherwise)
 
-from paddle_megatronbert.finetune import (  # noqa: E402
-    BEST_MODEL_DIR,
-    add_finetune_arguments,
-    check_model_fits,
-    finetune,
-    iterate_batches,
-    pad_batch,
-    progress,
-    setup_run,
-    str_to_bool,
-)
+from paddle_megatronbert.arguments import (RunnerArgumentParser, add_finetune_arguments, add_training_arguments,  # noqa
+                                           config_overrides, finish_arguments, resolve_max_seq_length, str_to_bool)
+from paddle_megatronbert.finetune import check_model_fits, finetune, pad_batch, predict, write_json  # noqa: E402
+from paddle_megatronbert.loop import run_cli, setup_run  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune MegatronBERT on SQuAD v1.1 / v2.0")
-    parser.add_argument("--train_file", default=None, help="official SQuAD JSON for training")
-    parser.add_argument("--predict_file", default=None, help="official SQuAD JSON to predict and evaluate")
-    parser.add_argument("--version_2_with_negative", action="store_true",
-                        help="SQuAD 2.0: questions may be unanswerable (null answers, null_odds.json, best thresholds)")
-    parser.add_argument("--do_train", action="store_true")
-    parser.add_argument("--do_predict", action="store_true", help="predict and evaluate on --predict_file")
-    parser.add_argument("--doc_stride", type=int, default=128,
-                        help="tokens between the starts of consecutive windows of a long context")
-    parser.add_argument("--max_query_length", type=int, default=64, help="questions are cut to this many tokens")
-    parser.add_argument("--n_best_size", type=int, default=20, help="best starts/ends searched and n-best answers kept")
-    parser.add_argument("--max_answer_length", type=int, default=30, help="longest answer, in tokens")
-    parser.add_argument("--null_score_diff_threshold", type=float, default=0.0,
-                        help="v2: answer null when null score - best span score exceeds this")
-    parser.add_argument("--do_lower_case", type=str_to_bool, nargs="?", const=True, default=None,
-                        help="override the vocabulary's casing (default: the model's own)")
-    parser.add_argument("--verbose", action="store_true", help="accepted for compatibility; logging is always on")
-    add_finetune_arguments(parser, batch_size=8, max_seq_length=512, learning_rate=1e-5, warmup_proportion=0.06,
-                           adam_epsilon=1e-8)
+    parser = RunnerArgumentParser("squad", description=__doc__)
+    task = parser.add_argument_group("SQuAD")
+    task.add_argument("--train_file", default=None, help="official SQuAD JSON for training")
+    task.add_argument("--predict_file", default=None, help="official SQuAD JSON to predict and evaluate")
+    task.add_argument("--version_2_with_negative", action="store_true",
+                      help="SQuAD 2.0: questions may be unanswerable (null answers, null_odds.json, best thresholds)")
+    task.add_argument("--do_train", action="store_true", help="fine-tune on --train_file")
+    task.add_argument("--do_predict", action="store_true", help="predict and evaluate on --predict_file")
+    task.add_argument("--doc_stride", type=int, default=128,
+                      help="tokens between the starts of consecutive windows of a long context")
+    task.add_argument("--max_query_length", type=int, default=64, help="questions are cut to this many tokens")
+    task.add_argument("--n_best_size", type=int, default=20, help="best starts/ends searched and n-best answers kept")
+    task.add_argument("--max_answer_length", type=int, default=30, help="longest answer, in tokens")
+    task.add_argument("--null_score_diff_threshold", type=float, default=0.0,
+                      help="v2: answer null when null score - best span score exceeds this")
+    task.add_argument("--do_lower_case", type=str_to_bool, nargs="?", const=True, default=None,
+                      help="override the vocabulary's casing (None: the model's own)")
+    task.add_argument("--verbose", action="store_true", help="accepted for compatibility; logging is always on")
+    add_training_arguments(parser)
+    add_finetune_arguments(parser)
     args = parser.parse_args(argv)
     if not (args.do_train or args.do_predict):
         parser.error("nothing to do: pass --do_train and/or --do_predict")
-    for name in ("doc_stride", "max_query_length", "n_best_size", "max_answer_length"):  # before the model loads
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return args
+    return finish_arguments(parser, args, [f"--{name} must be >= 1, got {getattr(args, name)}" for name in (
+        "doc_stride", "max_query_length", "n_best_size", "max_answer_length") if getattr(args, name) < 1])
 
 
 def load_examples(path, split, args, announce):
@@ -81,12 +71,6 @@ def load_examples(path, split, args, announce):
     return examples
 
 
-def write_json(path, value):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-
-
 def main(argv=None):
     args = parse_args(argv)
     topo = setup_run(args)
@@ -102,36 +86,24 @@ def main(argv=None):
     # Only the first replica evaluates (all of its tensor-parallel ranks run the forward).
     evaluates_here = args.do_predict and topo.dataset_rank == 0
     dev_examples = load_examples(args.predict_file, "dev", args, topo.is_main) if evaluates_here else None
-    model = MegatronBertForQuestionAnswering.from_pretrained(args.model_name_or_path,
-                                                             tensor_parallel_degree=topo.tp_degree)
-    check_model_fits(model.config, tokenizer, args.max_seq_length)
+    model = MegatronBertForQuestionAnswering.from_pretrained(
+        args.model_name_or_path, tensor_parallel_degree=topo.tp_degree, **config_overrides(args))
+    check_model_fits(model.config, tokenizer, resolve_max_seq_length(args, model.config, topo.is_main))
     window = dict(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride,
                   max_query_length=args.max_query_length, show_progress=show_progress)
     dev_features = build_squad_features(dev_examples, tokenizer, **window) if evaluates_here else None
-    pad_id = tokenizer.pad_token_id
     eval_batch_size = args.eval_batch_size or args.batch_size
     latest = {}  # the latest evaluation's outputs, written when it is the best
 
     def evaluate():
-        import paddle
-
-        model.eval()
-        start_logits, end_logits = [], []
         tic = time.time()
-        with paddle.no_grad():
-            batches = iterate_batches(dev_features, eval_batch_size)
-            total = (len(dev_features) + eval_batch_size - 1) // eval_batch_size
-            for batch in progress(batches, "predicting", show_progress, total):
-                inputs = pad_batch([{"input_ids": f.input_ids, "token_type_ids": f.token_type_ids} for f in batch],
-                                   pad_id)
-                out = model(**inputs, return_dict=True)
-                start_logits.extend(out["start_logits"].astype("float32").numpy())
-                end_logits.extend(out["end_logits"].astype("float32").numpy())
-        model.train()
+        inputs = [{"input_ids": f.input_ids, "token_type_ids": f.token_type_ids} for f in dev_features]
+        logits = predict(model, inputs, lambda batch: pad_batch(batch, tokenizer.pad_token_id), eval_batch_size,
+                         ("start_logits", "end_logits"), show_progress=show_progress)
         if not topo.is_main:
             return None
         predictions, nbest, null_odds = postprocess_squad_predictions(
-            dev_examples, dev_features, start_logits, end_logits, args.version_2_with_negative,
+            dev_examples, dev_features, logits["start_logits"], logits["end_logits"], args.version_2_with_negative,
             args.n_best_size, args.max_answer_length, args.null_score_diff_threshold,
         )
         gold = {e.qas_id: e.answers for e in dev_examples}
@@ -145,11 +117,12 @@ def main(argv=None):
 
     def write_outputs(results):
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json(os.path.join(args.output_dir, "predictions.json"), latest["predictions"])
-        write_json(os.path.join(args.output_dir, "nbest_predictions.json"), latest["nbest"])
-        if args.version_2_with_negative:
-            write_json(os.path.join(args.output_dir, "null_odds.json"), latest["null_odds"])
-        write_json(os.path.join(args.output_dir, "eval_results.json"), results)
+        files = {"predictions.json": latest["predictions"], "nbest_predictions.json": latest["nbest"],
+                 "null_odds.json": latest["null_odds"] if args.version_2_with_negative else None,
+                 "eval_results.json": results}
+        for name, value in files.items():
+            if value is not None:
+                write_json(os.path.join(args.output_dir, name), value)
 
     final_results = None
     if args.do_train:
@@ -158,35 +131,20 @@ def main(argv=None):
              "end_positions": f.end_position}
             for f in build_squad_features(train_examples, tokenizer, is_training=True, **window)
         ]
-
-        def collate(features):
-            return pad_batch(features, pad_id, label_keys=("start_positions", "end_positions"))
-
         best = {}
-
-        def on_new_best(results):
-            best.update(results)
-            write_outputs(results)
-
-        state = finetune(model, tokenizer, train_features, collate, args, topo,
-                         evaluate=evaluate if args.do_predict else None, metric_name="f1", on_new_best=on_new_best)
-        if topo.is_main and best:
-            final_results = best
-            print(f"best checkpoint: step {state.best_step} (f1 {state.best_metric:.4f}) in "
-                  f"{os.path.join(args.output_dir, BEST_MODEL_DIR)}", flush=True)
+        result = finetune(model, tokenizer, train_features, lambda features: pad_batch(
+            features, tokenizer.pad_token_id, label_keys=("start_positions", "end_positions")), args, topo,
+            evaluate=evaluate if args.do_predict else None, metric_name="f1",
+            on_new_best=lambda results: (best.update(results), write_outputs(results)))
+        final_results = best or result.state.best_results()
     elif evaluates_here:
-        results = evaluate()
+        final_results = evaluate()
         if topo.is_main:
-            write_outputs(results)
-            final_results = results
-    if final_results is not None:
+            write_outputs(final_results)
+    if topo.is_main and final_results is not None:
         print(json.dumps(final_results, indent=2), flush=True)
     return final_results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -7,6 +7,8 @@ Contestants, on identical shapes and batches (MLM on ``--masked`` positions per 
               full logits, then the masked rows gathered for the loss
   torch       HF transformers MegatronBertForPreTraining, eager fp32, as its users run it (labels -> loss)
   torch-bf16  the same under torch.autocast(bfloat16), for reference
+  ours-baseline  ours-fast imported from another checkout (``--baseline_tree DIR``, e.g. a ``git worktree``
+              of an older commit): before vs after a change, in the same run (not in the default set)
   torch-masked  HF's modules with the MLM head on the masked rows only (not in the default set)
   paddlenlp-tuned  PaddleNLP with our process-level CPU settings (stride kernels off, MKL's AVX2 path on
               AMD, freed memory kept in the heap): how much of our lead is settings, not code (not default)
@@ -52,7 +54,8 @@ CONFIGS = {
 # ours and HF's use it too and every contestant computes the same function.
 COMMON = dict(type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12,
               hidden_act="gelu")
-TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16", "torch-masked", "paddlenlp-tuned")
+TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16", "torch-masked", "paddlenlp-tuned",
+                "ours-baseline")
 DEFAULT_TRAIN_MODELS = ("ours-fast", "ours-plain", "paddlenlp", "torch", "torch-bf16")
 
 
@@ -240,12 +243,12 @@ def build_train_step(name, spec):
     config, batch = spec["model_config"], make_pretraining_batch(spec["model_config"], spec["batch_size"],
                                                                 spec["seq_len"], spec["masked"], spec["seed"])
     state = load_shared_state(spec["state_path"]) if spec.get("state_path") else None
-    if name in ("ours-fast", "ours-plain"):
+    if name in ("ours-fast", "ours-plain", "ours-baseline"):
         paddle = _paddle_setup(spec)
-        sys.path.insert(0, REPO)
+        sys.path.insert(0, spec["baseline_tree"] if name == "ours-baseline" else REPO)
         from paddle_megatronbert import MegatronBertConfig, MegatronBertForPreTraining
 
-        model = MegatronBertForPreTraining(MegatronBertConfig(**config, use_fast_kernels=name == "ours-fast"))
+        model = MegatronBertForPreTraining(MegatronBertConfig(**config, use_fast_kernels=name != "ours-plain"))
         if state is not None:
             model.load_full_state_dict(state, source=spec["state_path"])
         opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
@@ -269,7 +272,7 @@ def build_train_step(name, spec):
             sys.path.insert(0, REPO)
             from paddle_megatronbert import ops
 
-            ops.use_fast_kernels(True)  # only its process settings act: PaddleNLP's code never calls our ops
+            ops.apply_cpu_process_settings()  # our fast path's process settings; PaddleNLP never calls our ops
         model = MegatronBertForPreTraining(MegatronBertConfig(**config))
         if state is not None:
             _load_paddle_state(model, to_paddlenlp_state(state), spec["state_path"])
@@ -361,7 +364,8 @@ class Worker:
     """One contestant in its own process (own flags, own thread pool, own peak memory)."""
 
     def __init__(self, script, name, spec, threads):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=REPO + os.pathsep +
+        tree = spec["baseline_tree"] if name == "ours-baseline" else REPO
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=tree + os.pathsep +
                    os.environ.get("PYTHONPATH", ""))
         self.name = name
         self.proc = subprocess.Popen([sys.executable, script, "--worker", name, "--spec", json.dumps(spec)],
@@ -501,6 +505,8 @@ def make_parser(models=TRAIN_MODELS, default_models=DEFAULT_TRAIN_MODELS, seq_le
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     parser.add_argument("--gap", type=float, default=0.3, help="seconds between two timed steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline_tree", help="checkout whose paddle_megatronbert the ours-baseline contestant "
+                        "imports (before vs after a change, in one run)")
     if train:
         parser.add_argument("--profile", choices=("ours-fast", "ours-plain", "paddlenlp"),
                             help="instead of timing, profile one step of this contestant (in this process)")
@@ -523,6 +529,8 @@ def parse_args(argv=None, parser=None, models=TRAIN_MODELS):
         names = [n for n in names if n != "ours-plain"]
     elif args.fast is False:
         names = [n for n in names if n != "ours-fast"]
+    if "ours-baseline" in names and not getattr(args, "baseline_tree", None):
+        parser.error("the ours-baseline contestant needs --baseline_tree DIR (a checkout of the code to compare)")
     args.names = names
     return args
 
@@ -577,6 +585,7 @@ def time_ops(config, batch, seq, repeats=10):
     from paddle_megatronbert.parallel import ColumnParallelLinear, RowParallelLinear
 
     ops.use_fast_kernels(True)
+    ops.apply_cpu_process_settings()  # before the first GEMM, for both columns
     h, f, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
 
     def leaf(*shape):
@@ -674,7 +683,8 @@ def main(argv=None):
         return time_ops({**CONFIGS[args.config], **COMMON}, args.batch_size, args.seq_len)
     config = {**CONFIGS[args.config], **COMMON}
     spec = dict(model_config=config, batch_size=args.batch_size, seq_len=args.seq_len, masked=args.masked,
-                device=args.device, amp=args.amp, seed=args.seed, threads=args.threads)
+                device=args.device, amp=args.amp, seed=args.seed, threads=args.threads,
+                baseline_tree=os.path.abspath(args.baseline_tree) if args.baseline_tree else None)
     parity_losses = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as state_dir:
         spec["state_path"] = make_shared_state(spec, state_dir, args.threads)

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from . import tp_plan
+
 CONFIG_NAME = "config.json"
 
 # The two NGC checkpoints (megatron_bert_345m v0.1). Vocab sizes are padded to a multiple of 128 (x TP);
@@ -67,6 +69,7 @@ NGC_CHECKPOINT_URLS: Dict[str, str] = {
 }
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_tanh", "relu", "tanh")
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
 @dataclass
@@ -93,9 +96,12 @@ class MegatronBertConfig:
         num_labels: classes for sequence/token classification (1 = regression).
         num_choices: choices for multiple choice (informational; the input shape decides).
         classifier_dropout: dropout before classification heads; ``None`` = ``hidden_dropout_prob``.
+        problem_type: loss of sequence classification, as HF: ``regression``, ``single_label_classification``,
+            ``multi_label_classification``; ``None`` = decided by ``num_labels`` and the labels' dtype.
+        output_hidden_states: return every layer's hidden states when the call does not say.
+        output_attentions: return every layer's attention probabilities when the call does not say.
         do_lower_case: casing of the vocabulary the weights were trained with.
         tensor_parallel_degree: ranks a layer is split over (1 = plain layers).
-        tensor_parallel_rank: this process' rank in the tensor-parallel group (set at run time).
         sequence_parallel: reserved; not implemented (always False).
         recompute: recompute each layer's activations in the backward pass to save memory.
         use_fast_kernels: run the fast paths (custom CPU kernels, fused GPU ops) where available.
@@ -123,9 +129,11 @@ class MegatronBertConfig:
     num_labels: int = 2
     num_choices: int = 2
     classifier_dropout: Optional[float] = None
+    problem_type: Optional[str] = None
+    output_hidden_states: bool = False
+    output_attentions: bool = False
     do_lower_case: bool = True
     tensor_parallel_degree: int = 1
-    tensor_parallel_rank: int = 0
     sequence_parallel: bool = False
     recompute: bool = False
     use_fast_kernels: bool = True
@@ -133,9 +141,6 @@ class MegatronBertConfig:
     dtype: str = "float32"
     architectures: Optional[list] = None
     extra: Dict[str, Any] = field(default_factory=dict)
-
-    # Settings of a run, not of the weights: not written to config.json.
-    _RUNTIME_FIELDS = ("tensor_parallel_rank",)
 
     def __post_init__(self):
         self.validate()
@@ -156,6 +161,17 @@ class MegatronBertConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if getattr(self, name) >= 1:
                 raise ValueError(f"config field {name} must be below 1, got {getattr(self, name)!r}")
+        if self.layer_norm_eps <= 0:  # LayerNorm divides by sqrt(var + eps): a constant row would give NaN
+            raise ValueError(f"config field layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        pad = self.pad_token_id
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size:
+            raise ValueError(f"config field pad_token_id must be an id in the vocab (0 to {self.vocab_size - 1}), "
+                             f"got {pad!r}")
+        for f in dataclasses.fields(self):
+            # JSON written by hand or by other tools may say "false": a non-empty string would read as true.
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"config field {f.name} must be true or false (a JSON boolean), got "
+                                 f"{getattr(self, f.name)!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
@@ -164,14 +180,9 @@ class MegatronBertConfig:
         for act_name in (self.hidden_act, self.lm_head_act):
             if act_name is not None and act_name not in ACTIVATIONS:
                 raise ValueError(f"unknown activation {act_name!r}; choose one of {ACTIVATIONS}")
-        if self.tensor_parallel_degree < 1:
-            raise ValueError(f"tensor_parallel_degree must be >= 1, got {self.tensor_parallel_degree}")
-        tp = self.tensor_parallel_degree
-        if tp > 1:
-            for name in ("num_attention_heads", "intermediate_size"):
-                value = getattr(self, name)
-                if value % tp != 0:
-                    raise ValueError(f"{name} ({value}) is not divisible by tensor_parallel_degree ({tp})")
+        tp_plan.check_divisible(self, self.tensor_parallel_degree)
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"config field problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
         if self.sequence_parallel:
             raise ValueError("sequence_parallel is not implemented")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -185,8 +196,6 @@ class MegatronBertConfig:
     def to_dict(self) -> Dict[str, Any]:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
         extra = out.pop("extra")
-        for name in self._RUNTIME_FIELDS:
-            out.pop(name)
         out.update(extra)
         out["model_type"] = "megatron-bert"
         return out

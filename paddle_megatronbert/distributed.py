@@ -12,17 +12,19 @@ and feeds every tensor-parallel rank of one replica the same batch: split the da
 ``model.save_pretrained`` is called on every rank (it gathers the shards over the TP group).
 
 The ranks are laid out as fleet lays them out (``dp, pp, sharding, sep, mp``: tensor-parallel peers are
-neighbouring ranks, so on a multi-GPU node they share the fast links).
+neighbouring ranks, so on a multi-GPU node they share the fast links). Any dp x tp x sharding grid runs, on
+CPU (gloo) as on GPU: on CPU each process group gets a TCP store of its own (:func:`new_group`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from . import parallel
+from . import parallel, tp_plan
 
 MAX_SEED = 2**31 - 1 - parallel.TENSOR_PARALLEL_SEED_OFFSET - 1024  # room for seed + 2718 + tp_rank
 
@@ -67,6 +69,25 @@ class Topology:
     def dataset_world_size(self) -> int:
         """Number of distinct data slices: dp x sharding."""
         return self.dp_degree * self.sharding_degree
+
+
+def add_parallel_arguments(parser) -> None:
+    """The grid flags every runner takes, in one argparse group; pass them to :func:`init_distributed`.
+
+    ``--data_parallel_degree`` defaults to what is left of the launched world after tp x sharding, so
+    ``paddle.distributed.launch --nproc_per_node 8 ... --tensor_parallel_degree 2`` runs 4 replicas.
+    """
+    group = parser.add_argument_group("parallelism (under python -m paddle.distributed.launch; "
+                                      "world size = data x tensor x sharding)")
+    group.add_argument("--tensor_parallel_degree", type=int, default=1,
+                       help="ranks each layer is split over (neighbouring ranks: keep them on one node)")
+    group.add_argument("--data_parallel_degree", type=int, default=None,
+                       help="data-parallel replicas (default: world / (tensor_parallel_degree x sharding_degree))")
+    group.add_argument("--sharding_degree", type=int, default=1,
+                       help="ZeRO-1: the optimizer state split over N replicas (they also take different data)")
+    group.add_argument("--sharding_stage", type=int, default=1, choices=[1, 2, 3],
+                       help="ZeRO stage of --sharding_degree: 1 (optimizer state); 2/3 are refused (GPU-only in "
+                            "Paddle, not wired into tensor parallelism here)")
 
 
 def _launched_world_size() -> int:
@@ -120,13 +141,6 @@ def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Opti
     import paddle.distributed as dist
     from paddle.distributed import fleet
 
-    # Measured with Paddle 3.3.1: gloo fails to connect strided groups (dp ranks {0, 2} of a dp x tp grid).
-    if paddle.get_device() == "cpu" and sum(degree > 1 for degree in (dp, tp, sharding)) > 1:
-        raise ValueError(
-            f"on CPU only one of data_parallel_degree ({dp}), tensor_parallel_degree ({tp}) and sharding_degree "
-            f"({sharding}) may exceed 1: Paddle's gloo backend cannot build the strided process groups of a "
-            "combined grid; combine them on GPUs (NCCL)"
-        )
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {
         "dp_degree": dp, "mp_degree": tp, "pp_degree": 1, "sharding_degree": sharding,
@@ -135,7 +149,8 @@ def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Opti
         # PaddleNLP's default, they are not re-synchronised.
         "mp_configs": {"sync_param": False},
     }
-    fleet.init(is_collective=True, strategy=strategy)
+    with _fleet_groups_on_own_stores():
+        fleet.init(is_collective=True, strategy=strategy)
     hcg = fleet.get_hybrid_communicate_group()
     topo = Topology(
         world_size=world_size,
@@ -160,6 +175,75 @@ def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Opti
     return topo
 
 
+# ---- process groups over gloo (CPU) -------------------------------------------------------------------
+# Measured with Paddle 3.3.1 over gloo, 4 processes: building the groups of a grid one after the other
+# ([0, 1], [2, 3], [0, 2], [1, 3], [0, 1, 2, 3] ...) fails at random with "connect ... Connection refused",
+# "sizeof(impl_) == bytes.size(). 136 vs 45" or a hang in ProcessGroupGloo.create, with or without a barrier
+# after each group. The cause is in Paddle's C++: ProcessGroupGloo's constructor runs a second gloo
+# rendezvous on the *unprefixed* keys "0", "1", ... of the shared TCP store, so every group overwrites
+# (and may read a stale copy of) the previous group's addresses. Giving each group's rendezvous a TCP store
+# of its own removes the collision; the collectives themselves use Paddle's prefixed context as before.
+_GROUP_STORES = []  # the per-group stores must outlive their groups
+_GROUPS_MADE = [0]
+
+
+def new_group(ranks, **kwargs):
+    """``paddle.distributed.new_group`` whose gloo rendezvous runs on a TCP store of its own.
+
+    Every process must call it for every group, in the same order (fleet does); the lowest member hosts the
+    group's store and announces its port on the default store. Off CPU (NCCL) it is Paddle's own.
+    """
+    import paddle
+    import paddle.distributed as dist
+    from paddle.distributed import collective
+
+    ranks = sorted(int(r) for r in ranks)
+    _GROUPS_MADE[0] += 1
+    me = dist.get_rank()
+    if paddle.get_device() != "cpu" or len(ranks) < 2 or me not in ranks:
+        return collective.new_group(ranks=ranks, **kwargs)
+    import socket
+
+    from paddle.base import core
+
+    default_store = collective._default_store
+    endpoints = os.environ.get("PADDLE_TRAINER_ENDPOINTS", "").split(",")
+    host = endpoints[ranks[0]].split(":")[0] if len(endpoints) > ranks[0] else "127.0.0.1"
+    key = f"paddle_megatronbert/group_store/{_GROUPS_MADE[0]}/{','.join(map(str, ranks))}"
+    if me == ranks[0]:
+        with socket.socket() as probe:  # a free port for this group's store
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        default_store.set(key, str(port).encode())
+        store = core.TCPStore(host, port, True, len(ranks), 900)
+    else:
+        default_store.wait(key)
+        store = core.TCPStore(host, int(bytes(default_store.get(key)).decode()), False, len(ranks), 900)
+    _GROUP_STORES.append(store)
+    collective._default_store = store
+    try:
+        return collective.new_group(ranks=ranks, **kwargs)
+    finally:
+        collective._default_store = default_store
+
+
+@contextlib.contextmanager
+def _fleet_groups_on_own_stores():
+    """While fleet builds its topology, its ``paddle.distributed.new_group`` calls go to :func:`new_group`."""
+    import paddle.distributed as dist
+
+    original = dist.new_group
+
+    def fleet_new_group(ranks=None, **kwargs):
+        return new_group(ranks, **kwargs)
+
+    dist.new_group = fleet_new_group
+    try:
+        yield
+    finally:
+        dist.new_group = original
+
+
 def _seed_all(seed: int) -> None:
     import numpy as np
 
@@ -175,13 +259,7 @@ def validate_tp_config(config, tensor_parallel_degree: int) -> None:
     rank fails the same way. The vocabulary need not divide (the last rank's slice is padded).
     """
     tp = tensor_parallel_degree
-    if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tensor_parallel_degree must be an integer >= 1, got {tp!r}")
-    problems = [
-        f"{name} ({getattr(config, name)}) is not divisible by tensor_parallel_degree ({tp})"
-        for name in ("num_attention_heads", "hidden_size", "intermediate_size")
-        if getattr(config, name) % tp != 0
-    ]
+    problems = tp_plan.divisibility_problems(config, tp)
     if config.tensor_parallel_degree != tp:
         problems.append(f"config.tensor_parallel_degree is {config.tensor_parallel_degree}, the run uses {tp}")
     if problems:
@@ -199,6 +277,8 @@ def wrap_model(model, topo: Topology):
       with a device check that fails on CPU. The dp gradient all-reduce is then done by the optimizer of
       :func:`wrap_optimizer` (fleet's HybridParallelOptimizer), so use both.
 
+    The broadcasts also make every replica start from replica 0's weights: replicas seed their dropout streams
+    differently (``parallel.replica_seed``), so freshly initialised weights differ until then.
     Keep a reference to the unwrapped ``model`` for ``save_pretrained`` (or use :func:`unwrap_model`).
     """
     if topo.world_size == 1:

@@ -11,7 +11,7 @@ tensor-parallel degree. The math of each operation lives in ``ops.py``.
 
 from __future__ import annotations
 
-import os
+import functools
 import re
 from collections import OrderedDict
 from typing import Dict, Optional
@@ -21,7 +21,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from . import ops
+from . import ops, tp_plan
+from .checkpoint import pretrained as checkpoint_io
 from .configuration import (
     PRETRAINED_INIT_CONFIGURATION,
     PRETRAINED_RESOURCE_FILES_MAP,
@@ -32,15 +33,13 @@ from .parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tensor_parallel_region,
+    gather_from_tensor_parallel_region,
     gather_vocab_logits,
     get_tensor_parallel_rank,
-    merge_arrays,
-    shard_array,
     tensor_parallel_rng,
     vocab_parallel_cross_entropy,
 )
 
-WEIGHTS_NAME = "model_state.pdparams"
 MASK_VALUE = -1e4  # Megatron's additive mask value: exp() underflows to 0 in fp32 and fits in fp16
 
 
@@ -91,16 +90,16 @@ class MegatronBertEmbeddings(nn.Layer):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids=None, position_ids=None):
-        seq_len = input_ids.shape[1]
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)  # (B, S, H)
+        batch, seq_len = inputs_embeds.shape[0], inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = paddle.arange(seq_len, dtype="int64").unsqueeze(0)
         if token_type_ids is None:
-            token_type_ids = paddle.zeros_like(input_ids)
+            token_type_ids = paddle.zeros([batch, seq_len], dtype="int64")
         embeddings = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(position_ids)
-            + self.token_type_embeddings(token_type_ids)
+            inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
         )  # (B, S, H)
         return self.dropout(embeddings)
 
@@ -120,15 +119,24 @@ class MegatronBertSelfAttention(nn.Layer):
         self.key = ColumnParallelLinear(hidden, hidden, degree=tp, reduce_input_grad=False)
         self.value = ColumnParallelLinear(hidden, hidden, degree=tp, reduce_input_grad=False)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.degree = tp
 
-    def forward(self, hidden_states, additive_mask):
+    def forward(self, hidden_states, additive_mask, output_attentions=False):
+        """(B, S, nh * hd) context, and the attention probabilities (B, heads, S, S) of every head (all
+        ranks' heads gathered at TP>1) when ``output_attentions``, else None."""
         hidden_states = copy_to_tensor_parallel_region(hidden_states)
         query = ops.linear_split_heads(self.query, hidden_states, self.num_heads)  # (B, nh, S, hd)
         key = ops.linear_split_heads(self.key, hidden_states, self.num_heads)
         value = ops.linear_split_heads(self.value, hidden_states, self.num_heads)
         with tensor_parallel_rng():
-            context = ops.attention(query, key, value, additive_mask, self.dropout_p, self.training)
-        return ops.merge_heads(context)  # (B, S, nh * hd)
+            if output_attentions:
+                context, probs = ops.attention(query, key, value, additive_mask, self.dropout_p, self.training,
+                                               return_probs=True)
+            else:
+                context, probs = ops.attention(query, key, value, additive_mask, self.dropout_p, self.training), None
+        if probs is not None and self.degree > 1:  # heads are split over ranks: gather them on the head axis
+            probs = gather_from_tensor_parallel_region(probs.transpose([0, 2, 3, 1])).transpose([0, 3, 1, 2])
+        return ops.merge_heads(context), probs  # (B, S, nh * hd)
 
 
 class MegatronBertSelfOutput(nn.Layer):
@@ -153,9 +161,10 @@ class MegatronBertAttention(nn.Layer):
         self.output = MegatronBertSelfOutput(config)
         self.eps = config.layer_norm_eps
 
-    def forward(self, hidden_states, additive_mask):
+    def forward(self, hidden_states, additive_mask, output_attentions=False):
         normed = ops.layer_norm(hidden_states, self.ln.weight, self.ln.bias, self.eps)
-        return self.output(self.self(normed, additive_mask), hidden_states)
+        context, probs = self.self(normed, additive_mask, output_attentions)
+        return self.output(context, hidden_states), probs
 
 
 class MegatronBertIntermediate(nn.Layer):
@@ -197,10 +206,15 @@ class MegatronBertLayer(nn.Layer):
         self.output = MegatronBertOutput(config)
         self.eps = config.layer_norm_eps
 
-    def forward(self, hidden_states, additive_mask):
-        attention_output = self.attention(hidden_states, additive_mask)
+    def forward(self, hidden_states, additive_mask, output_attentions=False):
+        """The new hidden states, and the attention probabilities (None unless ``output_attentions``)."""
+        attention_output, probs = self.attention(hidden_states, additive_mask, output_attentions)
         normed = ops.layer_norm(attention_output, self.ln.weight, self.ln.bias, self.eps)
-        return self.output(self.intermediate(normed), attention_output)
+        return self.output(self.intermediate(normed), attention_output), probs
+
+
+def _hidden_states_of(layer, hidden_states, additive_mask):
+    return layer(hidden_states, additive_mask)[0]
 
 
 class MegatronBertEncoder(nn.Layer):
@@ -210,22 +224,29 @@ class MegatronBertEncoder(nn.Layer):
         self.layer = nn.LayerList([MegatronBertLayer(config) for _ in range(config.num_hidden_layers)])
         self.ln = _layer_norm(config)  # the final LayerNorm of the pre-LN stack
 
-    def forward(self, hidden_states, additive_mask, output_hidden_states=False):
+    def forward(self, hidden_states, additive_mask, output_hidden_states=False, output_attentions=False):
+        """The final hidden states, the input of every layer plus the output (or None), and every layer's
+        attention probabilities (or None)."""
         all_hidden_states = [] if output_hidden_states else None
-        recompute = self.config.recompute and self.training
+        all_attentions = [] if output_attentions else None
+        # Recompute re-runs each layer in the backward pass; probabilities asked for are kept instead.
+        recompute = self.config.recompute and self.training and not output_attentions
         for layer in self.layer:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             if recompute:
                 from paddle.distributed.fleet.utils import recompute as recompute_fn
 
-                hidden_states = recompute_fn(layer, hidden_states, additive_mask)
+                # recompute's backward wants tensor outputs only: the hidden states, not (states, None)
+                hidden_states = recompute_fn(functools.partial(_hidden_states_of, layer), hidden_states, additive_mask)
             else:
-                hidden_states = layer(hidden_states, additive_mask)
+                hidden_states, probs = layer(hidden_states, additive_mask, output_attentions)
+                if output_attentions:
+                    all_attentions.append(probs)
         hidden_states = ops.layer_norm(hidden_states, self.ln.weight, self.ln.bias, self.config.layer_norm_eps)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
-        return hidden_states, all_hidden_states
+        return hidden_states, all_hidden_states, all_attentions
 
 
 class MegatronBertPooler(nn.Layer):
@@ -240,22 +261,7 @@ class MegatronBertPooler(nn.Layer):
 
 
 # ---- base class: init, loading, saving -------------------------------------------------------------
-_SPLIT_RULES = [  # (regex on the parameter name, how tensor parallelism splits it)
-    (r"\.attention\.self\.(query|key|value)\.(weight|bias)$", "column"),
-    (r"\.intermediate\.dense\.(weight|bias)$", "column"),
-    (r"\.attention\.output\.dense\.weight$", "row"),
-    (r"\.layer\.\d+\.output\.dense\.weight$", "row"),
-    (r"embeddings\.word_embeddings\.weight$", "vocab"),
-    (r"^cls\.predictions\.(bias|decoder_weight)$", "vocab"),
-]
-
-
-def tensor_parallel_split_kind(name: str) -> Optional[str]:
-    """How a parameter is split over tensor-parallel ranks: ``column``, ``row``, ``vocab`` or None."""
-    for pattern, kind in _SPLIT_RULES:
-        if re.search(pattern, name):
-            return kind
-    return None
+# How tensor parallelism splits each parameter lives in tp_plan (one table for init, load, save, converters).
 
 
 class MegatronBertPretrainedModel(nn.Layer):
@@ -276,10 +282,97 @@ class MegatronBertPretrainedModel(nn.Layer):
         if not isinstance(config, MegatronBertConfig):
             raise TypeError(f"expected a MegatronBertConfig, got {type(config).__name__}")
         self.config = config
-        ops.use_fast_kernels(config.use_fast_kernels)  # the process-wide choice of op implementations
+        # Which implementation each op runs (one process-wide switch, ops.use_fast_kernels). Building a model
+        # changes no other process setting: ops.apply_cpu_process_settings runs at the first fast CPU kernel.
+        ops.use_fast_kernels(config.use_fast_kernels)
         # init_weights draws from the generator as it stands here, before the layers' default initialisers
         # consume it by amounts that depend on their (TP-sharded) shapes.
         self._init_rng_state = paddle.get_rng_state()
+
+    # ---- the embeddings, as HF's and PaddleNLP's base classes expose them --------------------------
+    @property
+    def base_model(self) -> "MegatronBertModel":
+        """The encoder (``self.bert`` in a head, the model itself otherwise)."""
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
+        """The word-embedding layer (``weight`` is this rank's vocab slice at TP>1)."""
+        return self.base_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: VocabParallelEmbedding) -> None:
+        """Replace the word-embedding layer; a tied LM decoder follows it."""
+        self.base_model.embeddings.word_embeddings = value
+        for head in self._lm_prediction_heads():
+            if head.tied:
+                head._word_embeddings = [value]
+
+    def get_output_embeddings(self):
+        """The LM prediction head (``.decoder`` the ``[vocab, hidden]`` matrix, the word embedding's own
+        weight when tied; ``.bias`` its bias), or None for heads without a language-model output."""
+        heads = self._lm_prediction_heads()
+        return heads[0] if heads else None
+
+    def _lm_prediction_heads(self):
+        return [layer for layer in self.sublayers() if isinstance(layer, MegatronBertLMPredictionHead)]
+
+    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None,
+                                pad_to_multiple_of: Optional[int] = None) -> VocabParallelEmbedding:
+        """Resize the vocabulary to ``new_num_tokens`` rows (default: the current size), rounded up to a
+        multiple of ``pad_to_multiple_of`` when given (HF's semantics): the first
+        ``min(old, new)`` rows of the word embedding, of an untied decoder and of the LM bias are kept,
+        new rows are drawn as at initialisation (weights normal(0, initializer_range), bias 0), and
+        ``config.vocab_size`` follows. At TP>1 every rank of the group must call it (the old rows are
+        gathered, then each rank keeps its new slice). Build the optimizer after resizing: it holds the
+        old parameters. Returns the new word-embedding layer."""
+        old = self.get_input_embeddings()
+        new_num_tokens = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        if pad_to_multiple_of is not None:
+            if (isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
+                    or pad_to_multiple_of < 1):
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens == self.config.vocab_size:
+            return old
+        degree = self.config.tensor_parallel_degree
+        rank = get_tensor_parallel_rank() if degree > 1 else 0
+        old_vocab, kept = self.config.vocab_size, min(self.config.vocab_size, new_num_tokens)
+
+        def resized(param, fill):
+            """The full [new_num_tokens, ...] array: the kept rows of ``param``, then ``fill`` rows."""
+            if degree > 1:
+                import paddle.distributed as dist
+
+                from .parallel import get_tensor_parallel_group
+
+                pieces = []
+                dist.all_gather(pieces, param, group=get_tensor_parallel_group())
+                full = tp_plan.merge([p.numpy() for p in pieces], tp_plan.VOCAB, old_vocab)
+            else:
+                full = param.numpy()
+            shape = [new_num_tokens] + list(full.shape[1:])
+            new = (paddle.normal(0.0, self.config.initializer_range, shape).numpy() if fill == "normal"
+                   else np.zeros(shape, dtype=full.dtype))
+            new[:kept] = full[:kept]
+            return tp_plan.shard(new, tp_plan.VOCAB, degree, rank)
+
+        def new_parameter(layer, param, value, is_bias=False):
+            fresh = layer.create_parameter(list(value.shape), dtype=param.dtype, is_bias=is_bias)
+            fresh.set_value(value.astype(param.numpy().dtype))
+            fresh.is_distributed = degree > 1
+            return fresh
+
+        embedding = VocabParallelEmbedding(new_num_tokens, old.weight.shape[1], degree=degree)
+        embedding.weight = new_parameter(embedding, old.weight, resized(old.weight, "normal"))
+        for head in self._lm_prediction_heads():
+            head.bias = new_parameter(head, head.bias, resized(head.bias, "zeros"), is_bias=True)
+            if not head.tied:
+                head.decoder_weight = new_parameter(head, head.decoder_weight,
+                                                    resized(head.decoder_weight, "normal"))
+        self.config.vocab_size = new_num_tokens
+        self.set_input_embeddings(embedding)
+        return embedding
 
     # Each rank draws the full tensor with the shared generator and keeps its shard, so a TP=N shard is
     # exactly the slice of the TP=1 weight under the same seed.
@@ -290,8 +383,8 @@ class MegatronBertPretrainedModel(nn.Layer):
         paddle.set_rng_state(self._init_rng_state)
         with paddle.no_grad():
             for name, param in self.named_parameters():
-                kind = tensor_parallel_split_kind(name)
-                full_shape = self._full_shape(name, param.shape, kind)
+                kind = tp_plan.split_kind(name)
+                full_shape = tp_plan.full_shape(kind, param.shape, degree, config.vocab_size)
                 if name.endswith("bias") or name.endswith("ln.bias") or "LayerNorm.bias" in name:
                     full = np.zeros(full_shape, dtype="float32")
                 elif self._is_layer_norm_weight(name):
@@ -301,21 +394,14 @@ class MegatronBertPretrainedModel(nn.Layer):
                     if name.endswith("embeddings.word_embeddings.weight") and config.pad_token_id is not None:
                         if 0 <= config.pad_token_id < full_shape[0]:
                             full[config.pad_token_id] = 0.0
-                param.set_value(shard_array(full, kind, degree, rank).astype(param.numpy().dtype))
+                param.set_value(tp_plan.shard(full, kind, degree, rank).astype(param.numpy().dtype))
+                # The plan marks the shards: global-norm clipping and the replicated-parameter broadcasts
+                # count a parameter flagged is_distributed once per TP rank (the untied decoder included).
+                param.is_distributed = degree > 1 and kind is not None
 
     @staticmethod
     def _is_layer_norm_weight(name):
         return bool(re.search(r"(\.ln|LayerNorm)\.weight$", name))
-
-    def _full_shape(self, name, local_shape, kind):
-        shape = list(local_shape)
-        degree = self.config.tensor_parallel_degree
-        if kind == "vocab":
-            shape[0] = self.config.vocab_size
-        elif kind is not None and degree > 1:
-            axis = 1 if (kind == "column" and len(shape) == 2) else 0
-            shape[axis] *= degree
-        return shape
 
     # ---- state dicts ----------------------------------------------------------------------------
     def full_state_dict(self) -> Dict[str, np.ndarray]:
@@ -335,207 +421,53 @@ class MegatronBertPretrainedModel(nn.Layer):
         unexpected = [k for k in state if k not in own]
         if strict and missing:
             raise KeyError(f"{source} lacks {len(missing)} parameters of {type(self).__name__}: {missing[:8]}")
-        to_load = {}
         for name, param in own.items():
             if name not in state:
                 continue
             value = np.asarray(state[name])
-            kind = tensor_parallel_split_kind(name)
-            expected = self._full_shape(name, param.shape, kind)
+            kind = tp_plan.split_kind(name)
+            expected = tp_plan.full_shape(kind, param.shape, degree, self.config.vocab_size)
             if list(value.shape) != list(expected):
                 raise ValueError(
                     f"shape mismatch in {source}: parameter {name} has shape {list(value.shape)} in the "
                     f"checkpoint but {list(expected)} in the model built from the config"
                 )
-            to_load[name] = shard_array(value, kind, degree, rank).astype(param.numpy().dtype)
-        self.set_state_dict(to_load)
+            # one parameter at a time (the state may be lazy): the model is the only full copy in memory
+            param.set_value(tp_plan.shard(value, kind, degree, rank).astype(param.numpy().dtype, copy=False))
+            del value
         return missing, unexpected
 
-    # ---- from_pretrained / save_pretrained ------------------------------------------------------
+    # ---- from_pretrained / save_pretrained: the files are checkpoint/pretrained.py's -----------------
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: Optional[MegatronBertConfig] = None, **config_overrides):
         """Build from a registered name (config offline; weights from ``MEGATRONBERT_WEIGHTS_DIR`` or a
-        download) or from a directory with ``config.json`` and ``model_state.pdparams`` (or per-rank
-        ``model_state.tp{NN}.pdparams`` shards, merged and re-split for the current TP degree).
+        download) or from a directory with ``config.json`` and ``model.safetensors`` (or an HF-style
+        ``model.safetensors.index.json``, ``model_state.pdparams`` -- ours or PaddleNLP's, read without
+        running code -- or per-rank ``model.tp{NN}.safetensors`` shards, merged and re-split for the
+        current TP degree).
 
         Keyword arguments override config fields (``num_labels=3``, ``tensor_parallel_degree=2`` ...).
-        ``convert_from_torch=True`` reads a PyTorch HF checkpoint directory instead.
+        A transformers (PyTorch) directory is detected and converted on load; ``convert_from_torch=True``
+        asks for that conversion explicitly (also for Megatron-LM checkpoints).
         """
-        convert_from_torch = config_overrides.pop("convert_from_torch", False)
-        if config is None:  # the TP degree belongs to this run (its process group), not to the checkpoint
-            from .parallel import get_tensor_parallel_degree
+        return checkpoint_io.from_pretrained(cls, name_or_path, config, **config_overrides)
 
-            config_overrides.setdefault("tensor_parallel_degree", get_tensor_parallel_degree())
-        if convert_from_torch:
-            from .convert import load_torch_checkpoint
+    def save_pretrained(self, save_directory: str, merge_tensor_parallel: bool = True,
+                        safe_serialization: bool = True):
+        """Write ``config.json`` and the weights: ``model.safetensors`` (``safe_serialization=False``:
+        ``model_state.pdparams``, for tools that want Paddle's pickle).
 
-            converted_config, state = load_torch_checkpoint(name_or_path)
-            config = config or MegatronBertConfig.from_dict(converted_config.to_dict(), **config_overrides)
-            model = cls(config)
-            model.load_full_state_dict(state, strict=False, source=name_or_path)
-            return model
-        explicit_tie = config is not None or "tie_word_embeddings" in config_overrides
-        if config is None:
-            config = MegatronBertConfig.from_pretrained(name_or_path, **config_overrides)
-        elif config_overrides:
-            config = MegatronBertConfig.from_dict(config.to_dict(), **config_overrides)
-        weights_dir = cls._resolve_weights_dir(name_or_path)  # before building: a missing file fails fast
-        state = load_state_file(weights_dir)
-        if not explicit_tie:
-            config = _untie_for_separate_decoder(config, state, weights_dir)
-        model = cls(config)
-        missing, _ = model.load_full_state_dict(state, strict=False, source=weights_dir)
-        # Heads that the checkpoint does not have (a classifier on a pretrained body) start from init.
-        body_missing = [k for k in missing if k.startswith(cls.base_model_prefix + ".")]
-        if body_missing:
-            raise KeyError(f"{weights_dir} lacks {len(body_missing)} parameters of the encoder: {body_missing[:8]}")
-        if missing:
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "%s: newly initialised (not in the checkpoint): %s", type(model).__name__, ", ".join(missing)
-            )
-        return model
-
-    @classmethod
-    def _resolve_weights_dir(cls, name_or_path: str) -> str:
-        if os.path.isdir(name_or_path):
-            return name_or_path
-        if name_or_path in PRETRAINED_INIT_CONFIGURATION:
-            root = os.environ.get("MEGATRONBERT_WEIGHTS_DIR")
-            if root and os.path.isdir(os.path.join(root, name_or_path)):
-                return os.path.join(root, name_or_path)
-            from .download import download_pretrained_weights
-
-            return download_pretrained_weights(name_or_path)
-        raise ValueError(f"{name_or_path!r} is neither a registered name nor a directory")
-
-    def save_pretrained(self, save_directory: str, merge_tensor_parallel: bool = True):
-        """Write ``config.json`` and the weights.
-
-        At TP>1, ``merge_tensor_parallel=True`` gathers every shard and rank 0 writes one full
-        ``model_state.pdparams``; ``False`` makes each rank write ``model_state.tp{rank:02d}.pdparams``.
+        At TP>1, ``merge_tensor_parallel=True`` gathers every shard and rank 0 writes one full file;
+        ``False`` makes each rank write ``model.tp{rank:02d}.safetensors`` (``model_state.tp{rank:02d}.pdparams``).
         At TP>1 every rank of the TP group must call it; it returns when the files are complete. Only the
         first data-parallel replica writes. Files are written under a temporary name and renamed, so a
         crash leaves no half-written file.
         """
-        from .parallel import get_replica_rank, get_tensor_parallel_degree, get_tensor_parallel_group
-
-        degree = self.config.tensor_parallel_degree
-        rank = get_tensor_parallel_rank() if degree > 1 else 0
-        if degree > 1 and merge_tensor_parallel:
-            state = self.gather_full_state_dict()  # a collective: before any rank returns
-        if get_replica_rank() != 0:
-            return
-        os.makedirs(save_directory, exist_ok=True)
-        if degree > 1 and merge_tensor_parallel:
-            filename = WEIGHTS_NAME
-        elif degree > 1:
-            state, filename = self.full_state_dict(), f"model_state.tp{rank:02d}.pdparams"
-        else:
-            state, filename = self.full_state_dict(), WEIGHTS_NAME
-        assert get_tensor_parallel_degree() == degree or degree == 1
-        if rank == 0:
-            config_dict = self.config.to_dict()
-            config_dict["architectures"] = [type(self).__name__]
-            if degree > 1 and merge_tensor_parallel:
-                config_dict["tensor_parallel_degree"] = 1
-            config = MegatronBertConfig.from_dict(config_dict)
-            _atomic_write(os.path.join(save_directory, "config.json"), config.to_json_string().encode("utf-8"))
-            _remove_stale_weights(save_directory, keep_shards=degree if filename != WEIGHTS_NAME else 0)
-        if rank == 0 or not merge_tensor_parallel:
-            _atomic_paddle_save(state, os.path.join(save_directory, filename))
-        if degree > 1:  # the TP peers may read the checkpoint next
-            import paddle.distributed as dist
-
-            dist.barrier(group=get_tensor_parallel_group())
+        checkpoint_io.save_pretrained(self, save_directory, merge_tensor_parallel, safe_serialization)
 
     def gather_full_state_dict(self) -> Dict[str, np.ndarray]:
         """Every parameter as its full tensor, gathered from the tensor-parallel ranks."""
-        import paddle.distributed as dist
-
-        from .parallel import get_tensor_parallel_group
-
-        degree = self.config.tensor_parallel_degree
-        state = self.full_state_dict()
-        if degree == 1:
-            return state
-        full = {}
-        for name, value in state.items():
-            kind = tensor_parallel_split_kind(name)
-            if kind is None:
-                full[name] = value
-                continue
-            pieces = []
-            dist.all_gather(pieces, paddle.to_tensor(value), group=get_tensor_parallel_group())
-            full[name] = merge_arrays([p.numpy() for p in pieces], kind, self.config.vocab_size)
-        return full
-
-
-def _remove_stale_weights(directory: str, keep_shards: int) -> None:
-    """Delete weight files of another layout left by an earlier save (``load_state_file`` would read them):
-    with ``keep_shards == 0`` every ``model_state.tpNN`` shard, else the merged file and shards >= keep_shards."""
-    for name in os.listdir(directory):
-        match = re.fullmatch(r"model_state\.tp(\d+)\.pdparams", name)
-        if (match and int(match.group(1)) >= keep_shards) or (keep_shards and name == WEIGHTS_NAME):
-            os.remove(os.path.join(directory, name))
-
-
-def _untie_for_separate_decoder(config: MegatronBertConfig, state, source: str) -> MegatronBertConfig:
-    """PaddleNLP's own MegatronBert keeps an LM decoder separate from the word embeddings: a checkpoint whose
-    decoder differs from its embeddings loads untied, so the model computes what that checkpoint computed."""
-    from .convert.paddlenlp import from_paddlenlp_names, is_paddlenlp_state
-
-    if not config.tie_word_embeddings or not is_paddlenlp_state(state):
-        return config
-    renamed = from_paddlenlp_names({k: v for k, v in state.items() if "decoder" in k or "word_embeddings" in k})
-    decoder = renamed.get("cls.predictions.decoder_weight")
-    embedding = renamed.get("bert.embeddings.word_embeddings.weight")
-    if decoder is None or embedding is None or np.array_equal(np.asarray(decoder), np.asarray(embedding)):
-        return config
-    import logging
-
-    logging.getLogger(__name__).info("%s: PaddleNLP checkpoint with a separate LM decoder: tie_word_embeddings=False",
-                                     source)
-    return MegatronBertConfig.from_dict(config.to_dict(), tie_word_embeddings=False)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_paddle_save(state, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    paddle.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_state_file(directory: str) -> Dict[str, np.ndarray]:
-    """The full state dict stored in a model directory: one ``model_state.pdparams``, or per-rank
-    ``model_state.tpNN.pdparams`` shards merged into full tensors."""
-    single = os.path.join(directory, WEIGHTS_NAME)
-    shards = sorted(f for f in os.listdir(directory) if re.fullmatch(r"model_state\.tp\d+\.pdparams", f))
-    if os.path.isfile(single):
-        return _load_pdparams(single)
-    if not shards:
-        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (nor model_state.tpNN.pdparams shards)")
-    config = MegatronBertConfig.from_pretrained(directory)
-    expected = [f"model_state.tp{r:02d}.pdparams" for r in range(config.tensor_parallel_degree)]
-    if shards != expected:
-        raise ValueError(f"{directory}: config.json says tensor_parallel_degree {config.tensor_parallel_degree}, "
-                         f"so the shards {expected} are expected, found {shards}")
-    parts = [_load_pdparams(os.path.join(directory, f)) for f in shards]
-    merged = {}
-    for name in parts[0]:
-        merged[name] = merge_arrays([p[name] for p in parts], tensor_parallel_split_kind(name), config.vocab_size)
-    return merged
+        return checkpoint_io.gather_full_state_dict(self)
 
 
 def _match_base_model_prefix(state, own, prefix: str):
@@ -548,19 +480,6 @@ def _match_base_model_prefix(state, own, prefix: str):
     if model_has and not state_has:
         return {(prefix + k if k.startswith(("embeddings.", "encoder.", "pooler.")) else k): v for k, v in state.items()}
     return state
-
-
-def _load_pdparams(path: str) -> Dict[str, np.ndarray]:
-    try:
-        state = paddle.load(path, return_numpy=True)
-    except Exception as err:  # paddle raises many kinds for a truncated or foreign file
-        raise ValueError(f"cannot read {path} as a Paddle state dict ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    # bfloat16 tensors come back as their raw uint16 bits (numpy has no bfloat16); no parameter is uint16,
-    # so such arrays are widened to the float32 they encode.
-    return {k: (v.astype(np.uint32) << 16).view(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.uint16
-            else v for k, v in state.items()}
 
 
 # ---- the base model -------------------------------------------------------------------------------
@@ -599,9 +518,14 @@ class MegatronBertModel(MegatronBertPretrainedModel):
         config: the model configuration.
         add_pooling_layer: build the [CLS] pooler (heads that do not use it leave it out).
 
-    Forward args: ``input_ids`` (B, S); ``attention_mask`` (2-D/3-D 0/1 or 4-D additive);
-    ``token_type_ids``; ``position_ids``; ``output_hidden_states``; ``return_dict``.
-    Returns ``last_hidden_state`` (B, S, H), ``pooler_output`` (B, H), ``hidden_states``.
+    Forward args: ``input_ids`` (B, S) or ``inputs_embeds`` (B, S, H) (exactly one); ``attention_mask``
+    (2-D/3-D 0/1 or 4-D additive; when it is None and ``input_ids`` are given, positions holding
+    ``config.pad_token_id`` are masked, as PaddleNLP's BERT does: pass an all-ones mask to attend
+    everywhere); ``token_type_ids``; ``position_ids``; ``output_hidden_states`` and ``output_attentions``
+    (None = the config's field); ``return_dict``.
+    Returns ``last_hidden_state`` (B, S, H), ``pooler_output`` (B, H), ``hidden_states`` (the embeddings
+    and each layer's output, the last after the final LayerNorm), ``attentions`` (per layer (B, heads, S, S),
+    the probabilities after dropout, as HF).
     """
 
     def __init__(self, config: MegatronBertConfig, add_pooling_layer: bool = True, causal: bool = False,
@@ -640,23 +564,38 @@ class MegatronBertModel(MegatronBertPretrainedModel):
 
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         token_type_ids=None,
         position_ids=None,
-        output_hidden_states=False,
+        output_hidden_states=None,
         return_dict=False,
+        inputs_embeds=None,
+        output_attentions=None,
     ):
-        self.check_inputs(input_ids, token_type_ids, position_ids)
-        embeddings = self.embeddings(input_ids, token_type_ids, position_ids)
-        additive_mask = build_additive_mask(attention_mask, input_ids.shape, embeddings.dtype, self.causal)
-        sequence_output, hidden_states = self.encoder(embeddings, additive_mask, output_hidden_states)
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            self.check_inputs(input_ids, token_type_ids, position_ids)
+            if attention_mask is None and config.pad_token_id is not None:
+                attention_mask = (input_ids != config.pad_token_id).astype("int64")  # PaddleNLP BERT's default
+        elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(f"inputs_embeds must be (batch, seq_len, {config.hidden_size}), got shape "
+                             f"{inputs_embeds.shape}")
+        embeddings = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        additive_mask = build_additive_mask(attention_mask, embeddings.shape[:2], embeddings.dtype, self.causal)
+        sequence_output, hidden_states, attentions = self.encoder(embeddings, additive_mask, output_hidden_states,
+                                                                  output_attentions)
         pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         return _as_output(
             return_dict,
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
             hidden_states=tuple(hidden_states) if hidden_states else None,
+            attentions=tuple(attentions) if attentions else None,
         )
 
 
@@ -752,10 +691,11 @@ class MegatronBertForPreTraining(MegatronBertPretrainedModel, _LMHeadMixin):
         self.cls = MegatronBertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                next_sentence_label=None, masked_lm_positions=None, output_hidden_states=False, return_dict=False):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                next_sentence_label=None, masked_lm_positions=None,
+                output_hidden_states=None, return_dict=False, inputs_embeds=None, output_attentions=None):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                            return_dict=True)
+                            return_dict=True, inputs_embeds=inputs_embeds, output_attentions=output_attentions)
         sequence_output, labels = self._mlm_rows(outputs.last_hidden_state, labels, masked_lm_positions)
         logits, seq_relationship_logits = self.cls(sequence_output, outputs.pooler_output)
         loss = mlm_loss = nsp_loss = None
@@ -767,7 +707,8 @@ class MegatronBertForPreTraining(MegatronBertPretrainedModel, _LMHeadMixin):
             loss = nsp_loss if loss is None else loss + nsp_loss
         return _as_output(return_dict, loss=loss, prediction_logits=self._full_logits(logits),
                           seq_relationship_logits=seq_relationship_logits, mlm_loss=mlm_loss if return_dict else None,
-                          nsp_loss=nsp_loss if return_dict else None, hidden_states=outputs.hidden_states)
+                          nsp_loss=nsp_loss if return_dict else None, hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions)
 
 
 class MegatronBertPreTrainingHeads(nn.Layer):
@@ -799,14 +740,16 @@ class MegatronBertForMaskedLM(MegatronBertPretrainedModel, _LMHeadMixin):
         self.cls = MegatronBertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                masked_lm_positions=None, output_hidden_states=False, return_dict=False):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                masked_lm_positions=None,
+                output_hidden_states=None, return_dict=False, inputs_embeds=None, output_attentions=None):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                            return_dict=True)
+                            return_dict=True, inputs_embeds=inputs_embeds, output_attentions=output_attentions)
         sequence_output, labels = self._mlm_rows(outputs.last_hidden_state, labels, masked_lm_positions)
         logits = self.cls(sequence_output)
         loss = self._lm_loss(logits, labels) if labels is not None else None
-        return _as_output(return_dict, loss=loss, logits=self._full_logits(logits), hidden_states=outputs.hidden_states)
+        return _as_output(return_dict, loss=loss, logits=self._full_logits(logits), hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions)
 
 
 class MegatronBertForCausalLM(MegatronBertPretrainedModel, _LMHeadMixin):
@@ -819,15 +762,16 @@ class MegatronBertForCausalLM(MegatronBertPretrainedModel, _LMHeadMixin):
         self.cls = MegatronBertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=False, return_dict=False):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=None, return_dict=False, inputs_embeds=None, output_attentions=None):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                            return_dict=True)
+                            return_dict=True, inputs_embeds=inputs_embeds, output_attentions=output_attentions)
         logits = self.cls(outputs.last_hidden_state)
         loss = None
         if labels is not None:
             loss = self._lm_loss(logits[:, :-1], labels[:, 1:])
-        return _as_output(return_dict, loss=loss, logits=self._full_logits(logits), hidden_states=outputs.hidden_states)
+        return _as_output(return_dict, loss=loss, logits=self._full_logits(logits), hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions)
 
 
 class MegatronBertForNextSentencePrediction(MegatronBertPretrainedModel):
@@ -839,14 +783,16 @@ class MegatronBertForNextSentencePrediction(MegatronBertPretrainedModel):
         self.cls = MegatronBertOnlyNSPHead(config)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                next_sentence_label=None, labels=None, output_hidden_states=False, return_dict=False):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                next_sentence_label=None, labels=None,
+                output_hidden_states=None, return_dict=False, inputs_embeds=None, output_attentions=None):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                            return_dict=True)
+                            return_dict=True, inputs_embeds=inputs_embeds, output_attentions=output_attentions)
         logits = self.cls(outputs.pooler_output)
         target = next_sentence_label if next_sentence_label is not None else labels
         loss = ops.masked_mean_cross_entropy(logits, target) if target is not None else None
-        return _as_output(return_dict, loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return _as_output(return_dict, loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions)
 
 
 class MegatronBertOnlyNSPHead(nn.Layer):
@@ -864,7 +810,10 @@ def _classifier_dropout(config):
 
 
 class MegatronBertForSequenceClassification(MegatronBertPretrainedModel):
-    """Classification (or regression when ``num_labels == 1``, MSE loss) on the pooled [CLS].
+    """Classification on the pooled [CLS]; the loss follows ``config.problem_type`` as HF's:
+    ``regression`` (MSE), ``single_label_classification`` (cross entropy over int labels (B,)),
+    ``multi_label_classification`` (BCE-with-logits over float labels (B, num_labels)). When it is None
+    the labels decide: ``num_labels == 1`` regression, int labels single-label, else multi-label.
     Returns ``loss``, ``logits`` (B, num_labels)."""
 
     def __init__(self, config: MegatronBertConfig):
@@ -875,18 +824,27 @@ class MegatronBertForSequenceClassification(MegatronBertPretrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=False, return_dict=False):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=None, return_dict=False, inputs_embeds=None, output_attentions=None):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                            return_dict=True)
+                            return_dict=True, inputs_embeds=inputs_embeds, output_attentions=output_attentions)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
         if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.reshape([-1]).astype("float32"), labels.reshape([-1]).astype("float32"))
-            else:
+            problem_type = self.config.problem_type
+            if problem_type is None:
+                integer_labels = labels.dtype in (paddle.int32, paddle.int64)
+                problem_type = ("regression" if self.num_labels == 1 else
+                                "single_label_classification" if integer_labels else "multi_label_classification")
+            if problem_type == "regression":
+                shape = [-1] if self.num_labels == 1 else [-1, self.num_labels]
+                loss = F.mse_loss(logits.reshape(shape).astype("float32"), labels.reshape(shape).astype("float32"))
+            elif problem_type == "single_label_classification":
                 loss = ops.masked_mean_cross_entropy(logits, labels)
-        return _as_output(return_dict, loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.astype("float32"), labels.astype("float32"))
+        return _as_output(return_dict, loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions)
 
 
 class MegatronBertForMultipleChoice(MegatronBertPretrainedModel):
@@ -900,18 +858,20 @@ class MegatronBertForMultipleChoice(MegatronBertPretrainedModel):
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=False, return_dict=False):
-        num_choices = input_ids.shape[1]
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=None, return_dict=False, inputs_embeds=None, output_attentions=None):
+        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
 
-        def flat(x):
+        def flat(x):  # (B, C, ...) -> (B * C, ...)
             return None if x is None else x.reshape([-1] + list(x.shape[2:]))
 
         outputs = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
-                            output_hidden_states, return_dict=True)
+                            output_hidden_states, return_dict=True, inputs_embeds=flat(inputs_embeds),
+                            output_attentions=output_attentions)
         logits = self.classifier(self.dropout(outputs.pooler_output)).reshape([-1, num_choices])
         loss = ops.masked_mean_cross_entropy(logits, labels) if labels is not None else None
-        return _as_output(return_dict, loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return _as_output(return_dict, loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions)
 
 
 class MegatronBertForTokenClassification(MegatronBertPretrainedModel):
@@ -925,13 +885,14 @@ class MegatronBertForTokenClassification(MegatronBertPretrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=False, return_dict=False):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=None, return_dict=False, inputs_embeds=None, output_attentions=None):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                            return_dict=True)
+                            return_dict=True, inputs_embeds=inputs_embeds, output_attentions=output_attentions)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = ops.masked_mean_cross_entropy(logits, labels) if labels is not None else None
-        return _as_output(return_dict, loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return _as_output(return_dict, loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions)
 
 
 class MegatronBertForQuestionAnswering(MegatronBertPretrainedModel):
@@ -944,10 +905,11 @@ class MegatronBertForQuestionAnswering(MegatronBertPretrainedModel):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                start_positions=None, end_positions=None, output_hidden_states=False, return_dict=False):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                start_positions=None, end_positions=None,
+                output_hidden_states=None, return_dict=False, inputs_embeds=None, output_attentions=None):
         outputs = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                            return_dict=True)
+                            return_dict=True, inputs_embeds=inputs_embeds, output_attentions=output_attentions)
         logits = self.qa_outputs(outputs.last_hidden_state)  # (B, S, 2)
         start_logits, end_logits = logits[:, :, 0], logits[:, :, 1]
         loss = None
@@ -961,7 +923,8 @@ class MegatronBertForQuestionAnswering(MegatronBertPretrainedModel):
 
             loss = (position_loss(start_logits, start_positions) + position_loss(end_logits, end_positions)) / 2
         return _as_output(return_dict, loss=loss, start_logits=start_logits, end_logits=end_logits,
-                          hidden_states=outputs.hidden_states)
+                          hidden_states=outputs.hidden_states,
+                          attentions=outputs.attentions)
 
 
 MODEL_CLASSES = {

@@ -4,17 +4,16 @@
 sits beside it and :func:`use_fast_kernels` (the one switch, set from ``config.use_fast_kernels`` when a
 model is built) decides which runs, so the plain path always exists and can be compared with the fast one.
 
-Fast paths (why each pays: ``docs/benchmarks.md`` and ``shared/notes/performance.md``):
+Fast paths (why each pays, with measurements: ``docs/benchmarks.md``):
 
 * CPU, float32: custom C++ kernels (``kernels/``) for LayerNorm, bias + GELU, masked softmax + dropout,
   bias + dropout + residual, bias + head split and head merge, and a bias add whose gradient is a fast
   column sum. Paddle 3.3's own CPU kernels for these are single-threaded and unvectorised, and its column
-  reductions (every bias gradient) are ~30x slower than a GEMV. Also ``FLAGS_use_stride_kernel=False``:
-  with strided views, whatever consumes a transposed view goes through a slow single-threaded copy.
-  Without a compiler the kernels are unavailable and the plain ops run (one warning line).
-  Process settings: on AMD CPUs ``MKL_DEBUG_CPU_TYPE=5`` (Paddle's bundled MKL 2019 then runs its AVX2
-  GEMMs), and glibc told to keep freed blocks up to 32 MiB in the heap (else every op's output page-faults
-  fresh memory).
+  reductions (every bias gradient) are ~30x slower than a GEMV. Without a compiler the kernels are
+  unavailable and the plain ops run (one warning line). The process-wide settings this path needs
+  (stride kernels off, MKL's AVX2 path on AMD, malloc thresholds) live in one function,
+  :func:`apply_cpu_process_settings`, which runs once, the first time a fast CPU kernel runs (not when
+  a model is built), and says so in one INFO line.
 * GPU, float16/bfloat16: attention through ``F.scaled_dot_product_attention`` (flash attention).
   UNTESTED here (no GPU on the development machines); fp32 GPU runs take the plain path.
 
@@ -25,6 +24,7 @@ gradient comes out of that kernel. Tensor-parallel results are the same as the p
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -34,72 +34,90 @@ import paddle.nn.functional as F
 
 _FAST = {"enabled": False}
 _STRIDE_FLAG = "FLAGS_use_stride_kernel"
-_STRIDE_DEFAULT = {}  # the flag's value before fast paths changed it
+_STRIDE_DEFAULT = {}  # the flag's value before apply_cpu_process_settings changed it (empty: unchanged)
+_PROCESS = {"tuned": False}  # whether the kept-until-exit settings (MKL, malloc) were applied
+
+logger = logging.getLogger(__name__)
 
 
 def use_fast_kernels(enabled: bool) -> bool:
-    """Turn the fast paths on or off for the whole process; returns whether they are on.
+    """Choose, for the whole process, the fast implementations where they apply or the plain ones;
+    returns whether the fast paths are on. Models call it with ``config.use_fast_kernels`` when built.
 
-    On a CPU device, turning them on also sets ``FLAGS_use_stride_kernel=False`` (process-wide: view ops
-    return copies; the model never writes through a view), which turning them off restores, and applies
-    the process settings of :func:`_tune_cpu_process` (kept until exit). The kernels themselves are built
+    It changes no other process setting: :func:`apply_cpu_process_settings` does, when a fast CPU kernel
+    first runs. Turning the fast paths off restores ``FLAGS_use_stride_kernel``. The kernels are built
     (once, cached) on first use, so GPU runs never build them.
     """
     _FAST["enabled"] = bool(enabled)
-    if _FAST["enabled"] and paddle.get_device().startswith("cpu"):
-        _tune_cpu_process()
-        if not _STRIDE_DEFAULT:
-            _STRIDE_DEFAULT[_STRIDE_FLAG] = paddle.get_flags([_STRIDE_FLAG])[_STRIDE_FLAG]
-        paddle.set_flags({_STRIDE_FLAG: False})
-    elif not _FAST["enabled"] and _STRIDE_DEFAULT:
+    if not _FAST["enabled"] and _STRIDE_DEFAULT:
         paddle.set_flags(dict(_STRIDE_DEFAULT))
         _STRIDE_DEFAULT.clear()
     return _FAST["enabled"]
 
 
-def _tune_cpu_process() -> None:
-    """Process-wide CPU settings of the fast path, applied once and kept until exit: they change speed,
-    not the math (GEMM summation order aside), so turning the fast paths off leaves them."""
-    if _FAST.get("cpu_tuned"):
+def apply_cpu_process_settings() -> None:
+    """The process-wide settings of the CPU fast path, all here:
+
+    - ``FLAGS_use_stride_kernel=False``: view ops return copies (with strided views, whatever consumes a
+      transposed view goes through a slow single-threaded copy; the model never writes through a view).
+      ``use_fast_kernels(False)`` restores it; the next fast kernel sets it again.
+    - on AMD CPUs ``MKL_DEBUG_CPU_TYPE=5`` (:func:`_use_fast_mkl_path_on_amd`) and glibc's malloc
+      thresholds (:func:`_keep_freed_memory_in_the_heap`): they change speed, not the math (GEMM summation
+      order aside), are applied once and kept until exit.
+
+    Runs by itself the first time a fast CPU kernel runs (the first LayerNorm of a forward, before any
+    GEMM, so MKL still reads its setting); building a model or running the plain path changes nothing.
+    Call it yourself to give code that never calls these ops the same settings (the benchmarks do, for
+    the peers' models). Idempotent; logs one INFO line the first time.
+    """
+    if not _STRIDE_DEFAULT:
+        _STRIDE_DEFAULT[_STRIDE_FLAG] = paddle.get_flags([_STRIDE_FLAG])[_STRIDE_FLAG]
+        paddle.set_flags({_STRIDE_FLAG: False})
+    if _PROCESS["tuned"]:
         return
-    _FAST["cpu_tuned"] = True
-    _use_fast_mkl_path_on_amd()
-    _keep_freed_memory_in_the_heap()
+    _PROCESS["tuned"] = True
+    amd = _use_fast_mkl_path_on_amd()
+    malloc = _keep_freed_memory_in_the_heap()
+    logger.info("fast CPU kernels: process settings applied: %s=False%s%s (see ops.apply_cpu_process_settings)",
+                _STRIDE_FLAG, ", MKL_DEBUG_CPU_TYPE=5 (AMD CPU)" if amd else "",
+                ", malloc keeps freed blocks up to 32 MiB" if malloc else "")
 
 
-def _keep_freed_memory_in_the_heap() -> None:
+def _keep_freed_memory_in_the_heap() -> bool:
     """Paddle allocates every CPU tensor with ``posix_memalign`` and frees it at once; glibc serves blocks
     over 128 KiB with fresh ``mmap`` pages and returns them on free, so each op's output page-faults and
     zero-fills its memory again (a 2 MiB bias add: 1.9 ms instead of 0.06 ms; a 12 MiB one 28 ms instead
     of 1.5 ms). Raising the mmap threshold to glibc's maximum (32 MiB) and the trim threshold keeps freed
-    blocks in the heap for reuse. Peak memory is unchanged; freed memory is not returned to the OS."""
+    blocks in the heap for reuse. Peak memory is unchanged; freed memory is not returned to the OS.
+    Returns whether it applied (glibc only)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if not name or not hasattr(ctypes.CDLL(name), "mallopt"):
-        return  # not glibc (macOS, musl): nothing to tune
+        return False  # not glibc (macOS, musl): nothing to tune
     libc = ctypes.CDLL(name)
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
     libc.mallopt(m_trim_threshold, 1 << 30)
+    return True
 
 
-def _use_fast_mkl_path_on_amd() -> None:
+def _use_fast_mkl_path_on_amd() -> bool:
     """Paddle bundles MKL 2019, which runs its slow generic code path on AMD CPUs (sgemm 2-3x slower
     than torch's newer MKL on the same cores); ``MKL_DEBUG_CPU_TYPE=5`` makes it take the AVX2 path.
-    MKL reads it at its first call, so it helps only when set before the first GEMM (model build time
-    is before). Intel CPUs are left alone (there it would downgrade AVX-512 to AVX2); a user's own
-    setting wins."""
+    MKL reads it at its first call, so it helps only when set before the first GEMM. Intel CPUs are left
+    alone (there it would downgrade AVX-512 to AVX2); a user's own setting wins. Returns whether it set it."""
     if "MKL_DEBUG_CPU_TYPE" in os.environ:
-        return
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             amd = any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
     except OSError:
-        return
+        return False
     if amd:
         os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
+    return amd
 
 
 def fast_kernels_enabled() -> bool:
@@ -115,7 +133,10 @@ def _cpu_kernels(*tensors):
             return None
     from .kernels import load_cpu_kernels
 
-    return load_cpu_kernels()
+    library = load_cpu_kernels()
+    if library is not None and not _STRIDE_DEFAULT:
+        apply_cpu_process_settings()
+    return library
 
 
 def _dense(x):
@@ -138,28 +159,10 @@ def _effective_p(p: float, training: bool) -> float:
 # ---- linear layers without their bias (the bias goes into the next fused kernel) -------------------
 def _matmul_without_bias(layer, x):
     """``layer(x)`` minus the bias, with the layer's tensor-parallel communication; None when the layer
-    is of a kind this does not know (the caller then runs the plain path).
-
-    Mirrors the forward of ``parallel.py``'s layers (keep the two in step): column-parallel copies its
-    input into the region (gradient all-reduce) unless told not to, row-parallel all-reduces its partial
-    products before the bias.
-    """
-    from .parallel import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        copy_to_tensor_parallel_region,
-        reduce_from_tensor_parallel_region,
-    )
-
-    if isinstance(layer, ColumnParallelLinear):
-        if layer.degree > 1 and layer.gather_output:
-            return None
-        if layer.degree > 1 and getattr(layer, "reduce_input_grad", True):
-            x = copy_to_tensor_parallel_region(x)
-        return paddle.matmul(x, layer.weight)
-    if isinstance(layer, RowParallelLinear):
-        y = paddle.matmul(x, layer.weight)
-        return reduce_from_tensor_parallel_region(y) if layer.degree > 1 else y
+    cannot do that (the caller then runs the plain path). The parallel layers own this half of their
+    forward (``matmul_without_bias``), so the communication is written once, in ``parallel.py``."""
+    if hasattr(layer, "matmul_without_bias"):
+        return layer.matmul_without_bias(x)
     if type(layer) is nn.Linear and layer.bias is not None:
         return paddle.matmul(x, layer.weight)
     return None
@@ -227,12 +230,6 @@ def bias_add(x, bias):
     return x + bias
 
 
-def linear(x, weight, bias=None):
-    if bias is not None and _cpu_kernels(x, weight) is not None:
-        return bias_add(paddle.matmul(x, weight), bias)
-    return F.linear(x, weight, bias)
-
-
 # ---- attention ---------------------------------------------------------------------------------------
 def linear_split_heads(layer, x, num_heads: int):
     """``layer(x)`` (B, S, nh * hd) as heads (B, nh, S, hd); fast: matmul, then one bias + transpose kernel."""
@@ -255,9 +252,13 @@ def merge_heads(context):
     return context.transpose([0, 2, 1, 3]).reshape([batch, seq, heads * head_dim])
 
 
-def attention(query, key, value, additive_mask, dropout_p: float, training: bool):
+def attention(query, key, value, additive_mask, dropout_p: float, training: bool, return_probs: bool = False):
     """Scaled dot-product attention over (B, nh, S, hd) tensors; ``additive_mask`` broadcasts to
-    (B, nh, S, S) with 0 for kept and a large negative number for masked keys."""
+    (B, nh, S, S) with 0 for kept and a large negative number for masked keys.
+
+    Returns the context (B, nh, S, hd) or, with ``return_probs``, ``(context, probs)``: the probabilities
+    (B, nh, S, S) after dropout (HF's ``attentions``). The CPU kernel returns them as it computes them;
+    GPU flash attention never materialises them, so asking for them takes the plain path there."""
     scale = 1.0 / math.sqrt(query.shape[-1])
     mask_ok = additive_mask is None or (additive_mask.ndim == 4 and additive_mask.dtype == query.dtype)
     kernels = _cpu_kernels(query, key, value) if mask_ok else None
@@ -270,15 +271,17 @@ def attention(query, key, value, additive_mask, dropout_p: float, training: bool
                                 _dropout_seed(p, training))[0]
         else:
             probs = kernels.run("pmb_masked_softmax", scores, _dense(mask), scale)[0]
-        return paddle.matmul(probs, value)  # (B, nh, S, hd)
-    if _FAST["enabled"] and _flash_attention_applies(query, additive_mask):
+        context = paddle.matmul(probs, value)  # (B, nh, S, hd)
+        return (context, probs) if return_probs else context
+    if _FAST["enabled"] and not return_probs and _flash_attention_applies(query, additive_mask):
         return _gpu_flash_attention(query, key, value, additive_mask, dropout_p, training)
     scores = paddle.matmul(query, key, transpose_y=True) * scale  # (B, nh, S, S)
     if additive_mask is not None:
         scores = scores + additive_mask
     probs = F.softmax(scores, axis=-1)
     probs = F.dropout(probs, dropout_p, training=training)
-    return paddle.matmul(probs, value)  # (B, nh, S, hd)
+    context = paddle.matmul(probs, value)  # (B, nh, S, hd)
+    return (context, probs) if return_probs else context
 
 
 def _flash_attention_applies(query, additive_mask) -> bool:

@@ -11,14 +11,14 @@ so the model reads as a plain BERT.
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Optional
 
 import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
+
+from . import tp_plan
 
 # ---- the tensor-parallel group -------------------------------------------------------------------
 _TP_GROUP = None  # paddle.distributed group of this rank's tensor-parallel peers
@@ -60,11 +60,6 @@ def _check_degree(degree: int) -> None:
             f"{_TP_DEGREE}: call paddle_megatronbert.distributed.init_distributed(tensor_parallel_degree="
             f"{degree}) under paddle.distributed.launch before building the model"
         )
-
-
-def divide_padded(size: int, degree: int) -> int:
-    """Rows per rank when ``size`` is split over ``degree`` ranks, padding the last rank."""
-    return int(math.ceil(size / degree))
 
 
 # ---- autograd mappings (Megatron's mappings.py) ---------------------------------------------------
@@ -162,12 +157,19 @@ class ColumnParallelLinear(nn.Layer):
                  weight_attr=None, bias_attr=None):
         super().__init__()
         _check_degree(degree)
-        if out_features % degree != 0:
-            raise ValueError(f"output size {out_features} is not divisible by tensor_parallel_degree {degree}")
         self.degree, self.gather_output, self.reduce_input_grad = degree, gather_output, reduce_input_grad
-        self.weight = self.create_parameter([in_features, out_features // degree], attr=weight_attr)
-        self.bias = self.create_parameter([out_features // degree], attr=bias_attr, is_bias=True)
+        weight_shape = tp_plan.local_shape(tp_plan.COLUMN, [in_features, out_features], degree)
+        self.weight = self.create_parameter(weight_shape, attr=weight_attr)
+        self.bias = self.create_parameter(weight_shape[1:], attr=bias_attr, is_bias=True)
         self.weight.is_distributed = self.bias.is_distributed = degree > 1
+
+    def matmul_without_bias(self, x):
+        """``x W`` on this rank's columns, with the layer's communication; None with ``gather_output``
+        (the gather must follow the bias). The fast kernels add the bias in their fused op."""
+        if self.degree > 1 and self.gather_output:
+            return None
+        x = copy_to_tensor_parallel_region(x) if self.degree > 1 and self.reduce_input_grad else x
+        return paddle.matmul(x, self.weight)
 
     def forward(self, x):
         x = copy_to_tensor_parallel_region(x) if self.degree > 1 and self.reduce_input_grad else x
@@ -189,18 +191,21 @@ class RowParallelLinear(nn.Layer):
     def __init__(self, in_features, out_features, degree=1, weight_attr=None, bias_attr=None):
         super().__init__()
         _check_degree(degree)
-        if in_features % degree != 0:
-            raise ValueError(f"input size {in_features} is not divisible by tensor_parallel_degree {degree}")
         self.degree = degree
-        self.weight = self.create_parameter([in_features // degree, out_features], attr=weight_attr)
+        self.weight = self.create_parameter(tp_plan.local_shape(tp_plan.ROW, [in_features, out_features], degree),
+                                            attr=weight_attr)
         self.bias = self.create_parameter([out_features], attr=bias_attr, is_bias=True)
         self.weight.is_distributed = degree > 1
+
+    def matmul_without_bias(self, x):
+        """``x W`` summed over the ranks (the all-reduce comes before the replicated bias)."""
+        y = paddle.matmul(x, self.weight)
+        return reduce_from_tensor_parallel_region(y) if self.degree > 1 else y
 
     def forward(self, x):
         if self.degree == 1:
             return F.linear(x, self.weight, self.bias)
-        y = reduce_from_tensor_parallel_region(paddle.matmul(x, self.weight))
-        return y + self.bias
+        return self.matmul_without_bias(x) + self.bias
 
 
 class VocabParallelEmbedding(nn.Layer):
@@ -219,7 +224,7 @@ class VocabParallelEmbedding(nn.Layer):
         super().__init__()
         _check_degree(degree)
         self.degree, self.num_embeddings = degree, num_embeddings
-        self.per_partition = divide_padded(num_embeddings, degree)
+        self.per_partition = tp_plan.local_shape(tp_plan.VOCAB, [num_embeddings], degree)[0]
         self.vocab_start = _TP_RANK * self.per_partition if degree > 1 else 0
         self.weight = self.create_parameter([self.per_partition, embedding_dim], attr=weight_attr)
         self.weight.is_distributed = degree > 1
@@ -301,22 +306,34 @@ def gather_vocab_logits(logits, vocab_size):
 
 # ---- dropout RNG ---------------------------------------------------------------------------------
 # Megatron's convention (tensor_parallel/random.py, model_parallel_cuda_manual_seed): the default stream
-# is seeded with ``seed`` on every rank, so dropout outside the TP region (embeddings, residual branches,
-# replicated activations) is the same on all tensor-parallel ranks; the stream used inside the region
-# (attention probabilities, which each rank holds for its own heads) is seeded ``seed + 2718 + tp_rank``.
+# is seeded with ``seed`` on every tensor-parallel rank, so dropout outside the TP region (embeddings,
+# residual branches, replicated activations) is the same on the TP peers of a replica; the stream used
+# inside the region (attention probabilities, which each rank holds for its own heads) is seeded
+# ``seed + 2718 + tp_rank``. Replicas (data-parallel / sharding copies, which see different examples) each
+# take their own ``seed``: replica r uses ``seed + r * REPLICA_SEED_STRIDE``, so replica 0 draws what one
+# process would. The replicas' initial weights may then differ; ``distributed.wrap_model`` broadcasts
+# replica 0's before training.
 TENSOR_PARALLEL_SEED_OFFSET = 2718
+REPLICA_SEED_STRIDE = 2**20  # > 2718 + any TP degree: a replica's streams never meet another's
 _TP_RNG_NAME = "model_parallel_rng"  # fleet's MODEL_PARALLEL_RNG: fleet's own parallel layers use it too
 
 
+def replica_seed(seed: int, replica_rank: int) -> int:
+    """The seed of replica ``replica_rank``'s default (outside the TP region) stream."""
+    return int(seed) + REPLICA_SEED_STRIDE * int(replica_rank)
+
+
 def seed_tensor_parallel_rng(seed: int) -> None:
-    """Seed the shared stream with ``seed`` and this rank's tensor-parallel stream with
-    ``seed + 2718 + tp_rank`` (paddle's default generator and fleet's RNG state tracker)."""
+    """Seed this replica's shared stream with ``replica_seed(seed, replica)`` and this rank's
+    tensor-parallel stream with that + 2718 + tp_rank (paddle's default generator and fleet's RNG state
+    tracker)."""
     from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
 
+    shared = replica_seed(seed, _REPLICA_RANK)
     tracker = get_rng_state_tracker()
     tracker.reset()
-    tracker.add(_TP_RNG_NAME, seed + TENSOR_PARALLEL_SEED_OFFSET + _TP_RANK)
-    paddle.seed(seed)
+    tracker.add(_TP_RNG_NAME, shared + TENSOR_PARALLEL_SEED_OFFSET + _TP_RANK)
+    paddle.seed(shared)
 
 
 @contextlib.contextmanager
@@ -333,45 +350,3 @@ def tensor_parallel_rng():
                            "paddle_megatronbert.distributed.init_distributed(..., seed=...) first")
     with tracker.rng_state(_TP_RNG_NAME):
         yield
-
-
-# ---- checkpoint split / merge --------------------------------------------------------------------
-# How each parameter is split: "column" (output dim, Paddle axis 1 of a weight / 0 of a bias),
-# "row" (input dim, axis 0 of a weight), "vocab" (axis 0, padded to a multiple of the degree), None.
-def split_axis(kind: Optional[str], ndim: int) -> Optional[int]:
-    if kind is None:
-        return None
-    if kind == "column":
-        return 1 if ndim == 2 else 0
-    if kind in ("row", "vocab"):
-        return 0
-    raise ValueError(kind)
-
-
-def shard_array(array, kind: Optional[str], degree: int, rank: int):
-    """This rank's shard of a full numpy array."""
-    import numpy as np
-
-    axis = split_axis(kind, array.ndim)
-    if axis is None or degree == 1:
-        return array
-    size = array.shape[axis]
-    per = divide_padded(size, degree) if kind == "vocab" else size // degree
-    if kind == "vocab" and per * degree != size:
-        pad = [(0, 0)] * array.ndim
-        pad[axis] = (0, per * degree - size)
-        array = np.pad(array, pad)
-    return np.take(array, np.arange(rank * per, (rank + 1) * per), axis=axis)
-
-
-def merge_arrays(shards, kind: Optional[str], full_size: Optional[int] = None):
-    """The full numpy array from every rank's shard (vocab padding trimmed to ``full_size``)."""
-    import numpy as np
-
-    axis = split_axis(kind, shards[0].ndim)
-    if axis is None:
-        return shards[0]
-    merged = np.concatenate(shards, axis=axis)
-    if kind == "vocab" and full_size is not None:
-        merged = np.take(merged, np.arange(full_size), axis=axis)
-    return merged

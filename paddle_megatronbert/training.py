@@ -1,14 +1,7 @@
-"""Pieces every runner's training loop shares: threads, seeds, the AdamW optimizer and its LR schedule,
-mixed precision, the metrics log, the FLOPs estimate, and atomic checkpoints that resume exactly.
-
-Checkpoint layout (``<output_dir>/checkpoint-<step>/``, written as ``checkpoint-<step>.tmp`` and renamed;
-``<output_dir>/latest`` names the newest complete one and is written last)::
-
-    config.json, model_state.pdparams        # or model_state.tpNN.pdparams per tensor-parallel rank:
-                                             # the directory is also a from_pretrained() directory
-    optimizer.tpNN.sdNN.pdopt                # AdamW state per (tensor-parallel, sharding) rank
-    rng_state.rankNNNN.pkl                   # python / numpy / paddle (+ tensor-parallel) generators
-    trainer_state.json                       # step, LR schedule, loss scaler, data position, run settings
+"""The pieces of the one training loop (``loop.py``): CPU threads, argument checks, the AdamW optimizer and its
+LR schedule, mixed precision (one loss scaler), the NaN stop, the metrics log and its lines, the FLOPs estimate.
+Checkpoints (layout, atomic writes, exact resume) live in ``checkpoint/training_state.py``; their names are
+re-exported at the end of this module.
 """
 
 from __future__ import annotations
@@ -16,21 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import random
-import re
-import shutil
-import sys
-import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-CHECKPOINT_PREFIX = "checkpoint-"
-LATEST_FILE = "latest"
-TRAINER_STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
-# Test hook: "STEP:SECONDS" sleeps inside the save of checkpoint STEP, after its files are written and
-# before the rename, so a test can SIGKILL the process mid-save.
-PAUSE_IN_SAVE_ENV = "MEGATRONBERT_TEST_PAUSE_IN_SAVE"
 
 
 def setup_cpu_threads() -> int:
@@ -40,22 +21,14 @@ def setup_cpu_threads() -> int:
     return int(os.environ["OMP_NUM_THREADS"])
 
 
-def set_seed(seed: int) -> None:
-    import numpy as np
-    import paddle
-
-    random.seed(seed)
-    np.random.seed(seed)
-    paddle.seed(seed)
-
-
 # ---- argument checks ----------------------------------------------------------------------------------
 _AT_LEAST_1 = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
                "save_total_limit", "exit_interval", "tensor_parallel_degree", "data_parallel_degree",
                "sharding_degree")
 # flag: (lowest, highest, lowest allowed itself, highest allowed itself); every bound is finite
 _NUMBER_RANGES = {
-    "learning_rate": (0.0, math.inf, True, False),
+    # Paddle holds the LR in float32: above its largest value (3.4e38) it becomes inf
+    "learning_rate": (0.0, 3.4028234663852886e38, True, True),
     "weight_decay": (0.0, math.inf, True, False),
     "adam_epsilon": (0.0, math.inf, False, False),
     "adam_beta1": (0.0, 1.0, True, False),
@@ -202,14 +175,19 @@ def autocast(amp: str):
 
 
 def build_grad_scaler(amp: str, init_loss_scaling: float = 2.0**15, topo=None):
-    """Dynamic loss scaling for fp16 (halve on overflow and skip the step, double after 1000 clean
-    steps); None for fp32/bf16, whose range needs none."""
+    """The one loss scaler of every runner: dynamic loss scaling for fp16 (a step whose gradients overflow is
+    skipped; the scale halves after 2 such steps in a row and doubles after 1000 clean ones); None for
+    fp32/bf16, whose range needs none.
+
+    2, not 1: Megatron-LM's default ``--hysteresis 2`` and Paddle's own default. A lone overflow (one
+    unlucky batch) then costs one skipped step instead of half the scale, which takes 1000 steps to regrow.
+    """
     if amp != "fp16":
         return None
     import paddle
 
     scaler = paddle.amp.GradScaler(init_loss_scaling=init_loss_scaling, incr_every_n_steps=1000,
-                                   decr_every_n_nan_or_inf=1, use_dynamic_loss_scaling=True)
+                                   decr_every_n_nan_or_inf=2, use_dynamic_loss_scaling=True)
     if topo is not None and topo.world_size > 1:
         from paddle.distributed import fleet
 
@@ -253,11 +231,13 @@ class MetricsLogger:
         use_visualdl: True / False, or None for "when installed".
         resume_step: when resuming, records after this step (written by the run that was interrupted)
             are dropped from ``metrics.jsonl`` so it holds one record per step.
+        line_format: ``(step, record) -> str`` of the stdout line (default :func:`format_metrics`).
     """
 
     def __init__(self, output_dir: str, enabled: bool = True, use_visualdl: Optional[bool] = None,
-                 resume_step: Optional[int] = None):
+                 resume_step: Optional[int] = None, line_format: Optional[Callable[[int, Dict[str, Any]], str]] = None):
         self.enabled = enabled
+        self.line_format = line_format or format_metrics
         self.path = os.path.join(output_dir, METRICS_FILE)
         self._writer = None
         if not enabled:
@@ -302,7 +282,7 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._writer.add_scalar(tag=f"{tag}/{key}", step=int(step), value=float(value))
-        line = format_metrics(step, metrics)
+        line = self.line_format(step, metrics)
         print(line, flush=True)
         return line
 
@@ -317,9 +297,18 @@ _LINE_FORMATS = (("loss", "loss {:.4f}"), ("mlm_loss", "mlm_loss {:.4f}"), ("nsp
                  ("tokens_per_sec", "{:.0f} tok/s"), ("tflops", "{:.3f} TFLOP/s"))
 
 
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS``."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def format_metrics(step: int, metrics: Dict[str, Any]) -> str:
+    """``step 3/20 | loss 6.1234 | ... | 12.0 seq/s | elapsed 0:00:04 | eta 0:00:21``: the pretraining line."""
     parts = [f"step {step}" + (f"/{metrics['max_steps']}" if "max_steps" in metrics else "")]
     parts += [fmt.format(metrics[key]) for key, fmt in _LINE_FORMATS if metrics.get(key) is not None]
+    parts += [f"{label} {format_duration(metrics[key])}" for key, label in (("elapsed_s", "elapsed"), ("eta_s", "eta"))
+              if metrics.get(key) is not None]
     return " | ".join(parts)
 
 
@@ -329,270 +318,10 @@ def _jsonable(value):
     return value
 
 
-# ---- RNG state -----------------------------------------------------------------------------------------
-def capture_rng_state() -> Dict[str, Any]:
-    """Every generator a training step draws from: python, numpy, paddle's (CPU, and the current
-    accelerator's), and the tensor-parallel dropout stream."""
-    import numpy as np
-    import paddle
-
-    from .parallel import get_tensor_parallel_degree
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "paddle_cpu": paddle.get_rng_state("cpu")}
-    if paddle.get_device() != "cpu":
-        state["paddle_device"] = paddle.get_rng_state()
-    if get_tensor_parallel_degree() > 1:
-        from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
-
-        state["tensor_parallel"] = get_rng_state_tracker().get_states_tracker()
-    return state
-
-
-def restore_rng_state(state: Dict[str, Any]) -> None:
-    import numpy as np
-    import paddle
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    paddle.set_rng_state(state["paddle_cpu"], "cpu")
-    if "paddle_device" in state and paddle.get_device() != "cpu":
-        paddle.set_rng_state(state["paddle_device"])
-    if "tensor_parallel" in state:
-        from paddle.distributed.fleet.meta_parallel import get_rng_state_tracker
-
-        get_rng_state_tracker().set_states_tracker(state["tensor_parallel"])
-
-
-# ---- optimizer state under stable names ----------------------------------------------------------------
-# Paddle keys AdamW's accumulators by auto-generated parameter names ("linear_12.w_0_moment1_0"), which
-# depend on how many layers the process built before; a checkpoint stores them under the model's
-# structured names ("bert.encoder.layer.0.output.dense.weight/moment1_0") and maps them back on load.
-def _name_maps(model):
-    auto_to_structured = {p.name: n for n, p in model.named_parameters()}
-    return auto_to_structured, {v: k for k, v in auto_to_structured.items()}
-
-
-def _rename_keys(state: Dict[str, Any], prefixes: Dict[str, str], separator_in: str, separator_out: str):
-    ordered = sorted(prefixes, key=len, reverse=True)
-    renamed = {}
-    for key, value in state.items():
-        if key == "master_weights" and isinstance(value, dict):
-            renamed[key] = {prefixes.get(k, k): v for k, v in value.items()}
-            continue
-        for prefix in ordered:
-            if key.startswith(prefix + separator_in):
-                key = prefixes[prefix] + separator_out + key[len(prefix) + len(separator_in):]
-                break
-        renamed[key] = value
-    return renamed
-
-
-def optimizer_state_to_structured(state: Dict[str, Any], model) -> Dict[str, Any]:
-    auto_to_structured, _ = _name_maps(model)
-    return _rename_keys(state, auto_to_structured, "_", "/")
-
-
-def optimizer_state_from_structured(state: Dict[str, Any], model) -> Dict[str, Any]:
-    _, structured_to_auto = _name_maps(model)
-    return _rename_keys(state, structured_to_auto, "/", "_")
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------------
-def checkpoint_path(output_dir: str, step: int) -> str:
-    return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _barrier(topo) -> None:
-    if topo is not None and topo.world_size > 1:
-        import paddle.distributed as dist
-
-        dist.barrier()
-
-
-def _optimizer_file(topo) -> str:
-    tp_rank = topo.tp_rank if topo is not None else 0
-    sharding_rank = topo.sharding_rank if topo is not None else 0
-    return f"optimizer.tp{tp_rank:02d}.sd{sharding_rank:02d}.pdopt"
-
-
-def _rng_file(topo) -> str:
-    return f"rng_state.rank{(topo.rank if topo is not None else 0):04d}.pkl"
-
-
-def _pause_for_test(step: int) -> None:
-    hook = os.environ.get(PAUSE_IN_SAVE_ENV)
-    if hook:
-        hook_step, seconds = hook.split(":")
-        if int(hook_step) == step:
-            print(f"[test hook] pausing {seconds}s inside the save of step {step}", flush=True)
-            time.sleep(float(seconds))
-
-
-def save_checkpoint(output_dir: str, step: int, model, optimizer, lr_scheduler=None, scaler=None,
-                    trainer_state: Optional[Dict[str, Any]] = None, topo=None,
-                    extra_files: Optional[Dict[str, str]] = None, save_total_limit: Optional[int] = None) -> str:
-    """Write ``checkpoint-<step>`` atomically; every rank calls it. Returns the checkpoint directory.
-
-    Args:
-        model: the unwrapped model (``save_pretrained`` writes its weights and config.json).
-        optimizer: the (possibly fleet-wrapped) optimizer; its state is stored under structured names.
-        lr_scheduler, scaler: their state dicts go into trainer_state.json (scaler may be None).
-        trainer_state: JSON-able run state (step, data position, settings) stored as trainer_state.json.
-        topo: the run's :class:`~paddle_megatronbert.distributed.Topology` (None: one process).
-        extra_files: ``{name in the checkpoint: source path}`` copied in (e.g. the tokenizer's vocab.txt).
-        save_total_limit: keep at most this many checkpoints (oldest removed after ``latest`` moved on).
-
-    All files go to ``checkpoint-<step>.tmp``; the main rank renames it to ``checkpoint-<step>`` and then
-    rewrites ``latest``. A crash at any point leaves ``latest`` naming a complete checkpoint.
-    """
-    import paddle
-
-    is_main = topo is None or topo.is_main
-    final = checkpoint_path(output_dir, step)
-    tmp = final + ".tmp"
-    if is_main:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)  # left by a run killed mid-save
-        os.makedirs(tmp)
-    _barrier(topo)
-    model.save_pretrained(tmp, merge_tensor_parallel=False)
-    if topo is None or topo.dp_rank == 0:  # dp replicas hold identical optimizer states
-        state = optimizer_state_to_structured(optimizer.state_dict(), model)
-        paddle.save(state, os.path.join(tmp, _optimizer_file(topo)))
-    with open(os.path.join(tmp, _rng_file(topo)), "wb") as f:
-        pickle.dump(capture_rng_state(), f)
-    _barrier(topo)
-    if is_main:
-        state = dict(trainer_state or {})
-        state["global_step"] = step
-        state["world_size"] = topo.world_size if topo is not None else 1
-        state["tensor_parallel_degree"] = topo.tp_degree if topo is not None else 1
-        state["sharding_degree"] = topo.sharding_degree if topo is not None else 1
-        if lr_scheduler is not None:
-            state["lr_scheduler"] = lr_scheduler.state_dict()
-        if scaler is not None:
-            state["scaler"] = {k: _jsonable(v) for k, v in scaler.state_dict().items()}
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, os.path.join(tmp, name))
-        _atomic_write_text(os.path.join(tmp, TRAINER_STATE_FILE), json.dumps(state, indent=2, sort_keys=True))
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _pause_for_test(step)
-        if os.path.isdir(final):
-            shutil.rmtree(final)  # a complete checkpoint of a run that died before moving `latest` to it
-        os.rename(tmp, final)
-        _fsync_dir(output_dir)
-        _atomic_write_text(os.path.join(output_dir, LATEST_FILE), os.path.basename(final) + "\n")
-        if save_total_limit:
-            _prune_checkpoints(output_dir, save_total_limit, keep=os.path.basename(final))
-    _barrier(topo)
-    return final
-
-
-def _checkpoint_step(name: str) -> Optional[int]:
-    match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", name)
-    return int(match.group(1)) if match else None
-
-
-def _prune_checkpoints(output_dir: str, limit: int, keep: str) -> None:
-    names = sorted((n for n in os.listdir(output_dir) if _checkpoint_step(n) is not None), key=_checkpoint_step)
-    for name in names[:-limit] if limit > 0 else []:
-        if name != keep:
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The checkpoint ``<output_dir>/latest`` names, or None when there is none. Unfinished
-    ``*.tmp`` directories are never returned."""
-    pointer = os.path.join(output_dir, LATEST_FILE)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer, encoding="utf-8") as f:
-        name = f.read().strip()
-    path = os.path.join(output_dir, name)
-    if _checkpoint_step(name) is None or not os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
-        raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint in {output_dir}")
-    return path
-
-
-def read_trainer_state(checkpoint_dir: str) -> Dict[str, Any]:
-    path = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{checkpoint_dir} is not a checkpoint (no {TRAINER_STATE_FILE})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON (corrupt checkpoint?): {err}") from None
-    if not isinstance(state, dict) or "global_step" not in state:
-        raise ValueError(f"{path} is not a trainer state (a JSON object with global_step)")
-    return state
-
-
-def load_checkpoint(checkpoint_dir: str, model, optimizer, lr_scheduler=None, scaler=None, topo=None,
-                    restore_rng: bool = True) -> Dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns the trainer state. Call after building the
-    model and optimizer (their construction draws random numbers; the generators are restored last)."""
-    import paddle
-
-    from .modeling import load_state_file
-
-    state = read_trainer_state(checkpoint_dir)
-    world = topo.world_size if topo is not None else 1
-    tp = topo.tp_degree if topo is not None else 1
-    sharding = topo.sharding_degree if topo is not None else 1
-    if (state.get("tensor_parallel_degree", 1), state.get("sharding_degree", 1)) != (tp, sharding):
-        raise ValueError(f"{checkpoint_dir} was written with tensor_parallel_degree "
-                         f"{state.get('tensor_parallel_degree', 1)} and sharding_degree {state.get('sharding_degree', 1)}; "
-                         f"this run has {tp} and {sharding}: the optimizer state cannot be resharded, resume with the "
-                         "same degrees (or start a new run from its weights with --model_name_or_path)")
-    model.load_full_state_dict(load_state_file(checkpoint_dir), strict=True, source=checkpoint_dir)
-    optimizer_path = os.path.join(checkpoint_dir, _optimizer_file(topo))
-    if not os.path.isfile(optimizer_path):
-        raise FileNotFoundError(f"{checkpoint_dir} has no {os.path.basename(optimizer_path)}")
-    optimizer.set_state_dict(optimizer_state_from_structured(paddle.load(optimizer_path), model))
-    if lr_scheduler is not None and "lr_scheduler" in state:
-        lr_scheduler.set_state_dict(state["lr_scheduler"])
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    if restore_rng:
-        rng_path = os.path.join(checkpoint_dir, _rng_file(topo))
-        if state.get("world_size", 1) == world and os.path.isfile(rng_path):
-            try:
-                with open(rng_path, "rb") as f:
-                    rng_state = pickle.load(f)
-                restore_rng_state(rng_state)
-            except Exception as err:  # unpickling a damaged file raises any of a dozen types
-                detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
-                raise ValueError(f"cannot read {rng_path} (corrupt or truncated?): {type(err).__name__}: "
-                                 f"{detail}") from None
-        else:
-            print(f"warning: {checkpoint_dir} was written by {state.get('world_size', 1)} process(es), this run has "
-                  f"{world}: random streams start fresh (dropout masks differ from an uninterrupted run)",
-                  file=sys.stderr)
-    return state
+# ---- checkpoints: their home is checkpoint/training_state.py (re-exported for the runners) ----------
+from .checkpoint.files import atomic_write_text as _atomic_write_text  # noqa: E402,F401
+from .checkpoint.files import fsync_dir as _fsync_dir  # noqa: E402,F401
+from .checkpoint.training_state import (  # noqa: E402,F401
+    CHECKPOINT_PREFIX, LATEST_FILE, PAUSE_IN_SAVE_ENV, TRAINER_STATE_FILE, capture_rng_state, checkpoint_path,
+    latest_checkpoint, load_checkpoint, optimizer_state_from_structured, optimizer_state_to_structured,
+    read_trainer_state, restore_rng_state, save_checkpoint)

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
          "--max_seq_length", "128", "--doc_stride", "64", "--batch_size", "16", "--learning_rate", "1e-3",
          "--num_train_epochs", str(args.squad_epochs), "--warmup_proportion", "0.1", "--logging_steps", "100",
          "--save_steps", "1000",
-         "--seed", "42", "--device", args.device],
+         "--seed", "42", "--device", args.device, "--overwrite_output_dir"],  # a rerun fine-tunes anew
         os.path.join(out, "squad.log"))
 
     with open(os.path.join(squad_out, "eval_results.json"), encoding="utf-8") as f:

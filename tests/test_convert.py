@@ -24,6 +24,14 @@ from paddle_megatronbert.convert.torch_checkpoints import open_checkpoint
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import megatron_reference as ref  # noqa: E402
 
+
+def stored_weights(directory):
+    """The tensors of a converted Paddle directory (``model.safetensors``), as numpy arrays."""
+    from paddle_megatronbert.checkpoint import load_model_state
+
+    return {name: np.asarray(value) for name, value in load_model_state(str(directory)).items()}
+
+
 torch = pytest.importorskip("torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,8 +116,8 @@ def test_hf_every_head_from_bin_and_safetensors(head, tmp_path):
         dst = str(tmp_path / f"paddle_{fmt}")
         report = convert_checkpoint(src, dst)
         assert report["source_kind"] == "hf" and report["read_with"] == [
-            "safetensors (no torch)" if fmt == "safetensors" else "weights_only"]
-        assert sorted(os.listdir(dst)) == ["config.json", "conversion_report.json", "model_state.pdparams"]
+            "safetensors" if fmt == "safetensors" else "weights_only"]
+        assert sorted(os.listdir(dst)) == ["config.json", "conversion_report.json", "model.safetensors"]
         ours = MODEL_CLASSES[head].from_pretrained(dst)
         ours.eval()
         assert ours.config.layer_norm_eps == hf_model.config.layer_norm_eps  # HF's eps: what HF computes
@@ -213,7 +221,7 @@ def test_ngc_style_zip_without_args_and_tool(tmp_path, capsys):
     assert tool.main([archive, dst, "--num_attention_heads", "4", "--vocab_file", str(vocab)]) == 0
     printed = capsys.readouterr().out
     assert "converted megatron checkpoint" in printed and "assumed the exact (erf) GELU" in printed
-    assert sorted(os.listdir(dst)) == ["config.json", "conversion_report.json", "model_state.pdparams",
+    assert sorted(os.listdir(dst)) == ["config.json", "conversion_report.json", "model.safetensors",
                                        "tokenizer_config.json", "vocab.txt"]
     assert leftovers(str(tmp_path)) == []
     ids, types, mask = batch(128, seed=5)
@@ -439,6 +447,19 @@ def test_unknown_checkpoint_version(tmp_path, capsys):
     assert "unknown checkpoint_version 7" in err
 
 
+@pytest.mark.parametrize("extra, named", [
+    ({"swiglu": True}, "args.swiglu=True"),
+    ({"apply_layernorm_1p": True}, "args.apply_layernorm_1p=True"),  # legacy: refused, not guessed
+    ({"group_query_attention": True, "num_query_groups": 2}, "args.num_query_groups=2"),
+])
+def test_legacy_math_changing_args_are_refused_by_name(extra, named, tmp_path, capsys):
+    # megatron-core checkpoints are checked against megatron-core itself in tests/test_megatron_core.py
+    shards = ref.random_shards(np.random.RandomState(0))
+    src = ref.save_megatron_checkpoint(str(tmp_path / "src"), shards, 3.0, True, ref.megatron_args(**extra))
+    err = run_tool_expecting_error(tmp_path, capsys, src)
+    assert named in err and "not converted" in err and len(err.strip().splitlines()) == 1
+
+
 def test_existing_destination_is_kept(tmp_path, capsys):
     src = megatron_dir(tmp_path)
     (tmp_path / "out").mkdir()
@@ -454,9 +475,10 @@ def test_output_dtype(dtype, atol, tmp_path):
     src = megatron_dir(tmp_path)
     convert_checkpoint(src, str(tmp_path / "out32"))
     convert_checkpoint(src, str(tmp_path / "out"), dtype=dtype)
-    stored = paddle.load(str(tmp_path / "out" / "model_state.pdparams"), return_numpy=True)
-    # numpy has no bfloat16: Paddle hands those tensors back as their uint16 bits
-    assert {str(v.dtype) for v in stored.values()} == {"float16" if dtype == "float16" else "uint16"}
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="np") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16" if dtype == "float16" else "BF16"}
     ids, types, mask = batch(128)
     full = megatron_outputs(str(tmp_path / "out32"), ids, types, mask)
     low = megatron_outputs(str(tmp_path / "out"), ids, types, mask)
@@ -476,6 +498,40 @@ def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
     err = run_tool_expecting_error(tmp_path, capsys, src)
     assert "refused to load global" in err and "system" in err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_megatron_core_safe_globals_are_rebuilt_inertly_and_nothing_else(tmp_path, capsys):
+    """What megatron-core's safe_globals.py lists (signal.SIGTERM, PosixPath, SimpleNamespace, numpy dtype
+    classes, a torch RNG generator) loads; a callable of the same modules (signal.signal) is refused."""
+    import pathlib
+    import signal
+    import types
+
+    src = megatron_dir(tmp_path)
+    shard = os.path.join(src, "release", "mp_rank_00", "model_optim_rng.pt")
+    state = torch.load(shard, weights_only=False)
+    args = state["args"]
+    args.exit_signal, args.save = signal.SIGTERM, pathlib.PosixPath("/ckpt/run")
+    args.extra = types.SimpleNamespace(dtype_class=np.dtypes.UInt32DType, ids=np.arange(3, dtype=np.uint32))
+    generator = torch.Generator()
+    generator.manual_seed(5)
+    state["rng_state"][0]["generator"] = generator
+    torch.save(state, shard)
+    read = open_checkpoint(src).args
+    assert read["exit_signal"] == signal.SIGTERM and str(read["save"]) == "/ckpt/run"
+    assert read["extra"].dtype_class is np.dtypes.UInt32DType and read["extra"].ids.tolist() == [0, 1, 2]
+    assert convert_checkpoint(src, str(tmp_path / "good"))["read_with"] == ["restricted"]
+
+    class CallsSignal:
+        def __reduce__(self):
+            return (signal.signal, (signal.SIGUSR1, signal.SIG_IGN))
+
+    state["args"].evil = CallsSignal()
+    torch.save(state, shard)
+    before = signal.getsignal(signal.SIGUSR1)
+    err = run_tool_expecting_error(tmp_path, capsys, src)
+    assert "refused to load global signal.signal" in err and len(err.strip().splitlines()) == 1
+    assert signal.getsignal(signal.SIGUSR1) == before
 
 
 def test_peak_memory_is_one_copy_of_the_model(tmp_path):
@@ -623,14 +679,16 @@ def test_megatron_core_names_tp2_match_hf(fused_layer_norms, tmp_path):
     compare_with_hf(hf_model, ours, "MegatronBertForPreTraining", 128)
 
 
-def test_distributed_checkpoint_is_refused_with_the_way_out(tmp_path, capsys):
+def test_broken_distributed_checkpoint_is_one_line(tmp_path, capsys):
+    # torch_dist checkpoints are read with torch.distributed.checkpoint (tests/test_megatron_core.py);
+    # one whose .metadata is missing is an error naming the directory, not a traceback.
     iteration = tmp_path / "src" / "iter_0000010"
     iteration.mkdir(parents=True)
     (iteration / "__0_0.distcp").write_bytes(b"\0" * 16)
     (iteration / "metadata.json").write_text("{}")
     (tmp_path / "src" / "latest_checkpointed_iteration.txt").write_text("10")
     err = run_tool_expecting_error(tmp_path, capsys, str(tmp_path / "src"))
-    assert "torch_dist" in err and "--ckpt-convert-format torch" in err
+    assert "torch_dist" in err and "iter_0000010" in err and ".metadata" in err
 
 
 def test_round_trip_hf_paddle_hf(tmp_path):
@@ -654,16 +712,19 @@ def test_round_trip_hf_paddle_hf(tmp_path):
 
 
 def test_round_trip_megatron_tp2_paddle_tp4_paddle(tmp_path):
+    # the legacy layout (--megatron_layout legacy) round-trips through our reader and the numpy forward;
+    # the default megatron-core layout is loaded by Megatron-LM itself in tests/test_megatron_core.py
     shards = ref.random_shards(np.random.RandomState(8), vocab=512, tp=2)
     src = ref.save_megatron_checkpoint(str(tmp_path / "tp2"), shards, 2.0, False, ref.megatron_args(vocab=512, tp=2))
     convert_checkpoint(src, str(tmp_path / "ours1"))
-    report = convert_checkpoint(str(tmp_path / "ours1"), str(tmp_path / "tp4"), to="megatron", tensor_parallel_degree=4)
+    report = convert_checkpoint(str(tmp_path / "ours1"), str(tmp_path / "tp4"), to="megatron", tensor_parallel_degree=4,
+                                megatron_layout="legacy")
     assert sorted(os.listdir(tmp_path / "tp4" / "release")) == [f"mp_rank_{r:02d}" for r in range(4)]
     assert (tmp_path / "tp4" / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert all(t["target"].endswith("(split over 4 ranks)") for t in report["tensors"])
     convert_checkpoint(str(tmp_path / "tp4"), str(tmp_path / "ours2"))
-    first = paddle.load(str(tmp_path / "ours1" / "model_state.pdparams"), return_numpy=True)
-    second = paddle.load(str(tmp_path / "ours2" / "model_state.pdparams"), return_numpy=True)
+    first = stored_weights(tmp_path / "ours1")
+    second = stored_weights(tmp_path / "ours2")
     assert sorted(first) == sorted(second)
     for name in first:
         np.testing.assert_array_equal(first[name], second[name], name)
@@ -679,7 +740,8 @@ def test_export_repads_vocab_and_keeps_heads(tmp_path):
     shards = ref.random_shards(np.random.RandomState(12), vocab=128, tp=1)
     src = ref.save_megatron_checkpoint(str(tmp_path / "tp1"), shards, 3.0, True, ref.megatron_args(vocab=128))
     convert_checkpoint(src, str(tmp_path / "ours"))
-    report = convert_checkpoint(str(tmp_path / "ours"), str(tmp_path / "tp4"), to="megatron", tensor_parallel_degree=4)
+    report = convert_checkpoint(str(tmp_path / "ours"), str(tmp_path / "tp4"), to="megatron", tensor_parallel_degree=4,
+                                megatron_layout="legacy")
     assert report["vocab"]["padded"] == 512
     exported = ref.shards_from_checkpoint(str(tmp_path / "tp4"))
     assert [s["word_embeddings"].shape[0] for s in exported] == [128] * 4
@@ -694,7 +756,7 @@ def test_report_lists_every_tensor(tmp_path):
     src = megatron_dir(tmp_path, tp=2)
     report = json.loads(json.dumps(convert_checkpoint(src, str(tmp_path / "out"))))
     assert report == json.loads((tmp_path / "out" / "conversion_report.json").read_text())
-    stored = paddle.load(str(tmp_path / "out" / "model_state.pdparams"), return_numpy=True)
+    stored = stored_weights(tmp_path / "out")
     assert sorted(t["target"] for t in report["tensors"]) == sorted(stored)
     for entry in report["tensors"]:
         assert list(stored[entry["target"]].shape) == entry["shape"] and entry["source"]
@@ -713,18 +775,17 @@ def test_export_from_sharded_paddle_dir_and_from_hf(tmp_path):
     """SRC may be any readable format: our per-rank ``model_state.tpNN.pdparams`` (as
     save_pretrained(merge_tensor_parallel=False) writes them) -> HF; HF -> Megatron TP=2 -> ours."""
     transformers = pytest.importorskip("transformers")
-    from paddle_megatronbert.modeling import tensor_parallel_split_kind
-    from paddle_megatronbert.parallel import shard_array
+    from paddle_megatronbert import tp_plan
 
     hf_model = build_hf_model("MegatronBertForPreTraining", seed=13, vocab_size=128, intermediate_size=48)
     convert_checkpoint(save_hf(hf_model, str(tmp_path / "hf"), "bin"), str(tmp_path / "full"))
-    full = paddle.load(str(tmp_path / "full" / "model_state.pdparams"), return_numpy=True)
+    full = stored_weights(tmp_path / "full")
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     (sharded / "config.json").write_text(json.dumps({**config, "tensor_parallel_degree": 2}))
     for rank in range(2):
-        part = {k: shard_array(v, tensor_parallel_split_kind(k), 2, rank) for k, v in full.items()}
+        part = {k: tp_plan.shard_param(k, v, 2, rank) for k, v in full.items()}
         paddle.save(part, str(sharded / f"model_state.tp{rank:02d}.pdparams"))
     report = convert_checkpoint(str(sharded), str(tmp_path / "hf2"), to="hf")
     assert report["source_kind"] == "paddle" and report["tensor_parallel_degree"] == 2
@@ -734,7 +795,7 @@ def test_export_from_sharded_paddle_dir_and_from_hf(tmp_path):
 
     convert_checkpoint(str(tmp_path / "hf"), str(tmp_path / "megatron"), to="megatron", tensor_parallel_degree=2)
     convert_checkpoint(str(tmp_path / "megatron"), str(tmp_path / "back"))
-    back = paddle.load(str(tmp_path / "back" / "model_state.pdparams"), return_numpy=True)
+    back = stored_weights(tmp_path / "back")
     assert sorted(back) == sorted(full)
     for name in full:  # 128 vocab rows re-padded to a multiple of 128 x 2 for Megatron: zeros after the 128
         np.testing.assert_array_equal(back[name][:len(full[name])], full[name], name)

@@ -132,15 +132,29 @@ def test_other_activations_and_eval_mode(kernels, act):
     assert_close({"logits": plain_eval}, {"logits": fast_eval}, "eval output")
 
 
-def test_use_fast_kernels_is_the_one_switch(kernels):
+def stride_kernels_on():
+    return paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"]
+
+
+def test_use_fast_kernels_is_the_one_switch_and_building_a_model_changes_no_process_setting(
+        kernels, monkeypatch, caplog):
+    ops.use_fast_kernels(False)
     MODEL_CLASSES["MegatronBertModel"](MegatronBertConfig(**TINY, use_fast_kernels=False))
     assert not ops.fast_kernels_enabled()
-    assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is True
-    MODEL_CLASSES["MegatronBertModel"](MegatronBertConfig(**TINY, use_fast_kernels=True))
+    assert stride_kernels_on() is True
+    monkeypatch.setitem(ops._PROCESS, "tuned", False)  # as in a fresh process
+    model = MODEL_CLASSES["MegatronBertModel"](MegatronBertConfig(**TINY, use_fast_kernels=True))
     assert ops.fast_kernels_enabled()
-    assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is False
+    assert stride_kernels_on() is True  # building a model changed nothing process-wide
+    input_ids = paddle.to_tensor(batch_arrays(padding=False)[0])
+    with caplog.at_level(logging.INFO, logger="paddle_megatronbert.ops"):
+        model(input_ids)
+        model(input_ids)
+    assert stride_kernels_on() is False  # the first fast kernel applied the settings ...
+    notes = [r.getMessage() for r in caplog.records if r.name == "paddle_megatronbert.ops"]
+    assert len(notes) == 1 and "FLAGS_use_stride_kernel=False" in notes[0]  # ... and said so, once
     ops.use_fast_kernels(False)
-    assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is True
+    assert stride_kernels_on() is True
 
 
 # ---- dropout -----------------------------------------------------------------------------------------
@@ -267,3 +281,23 @@ def test_without_a_compiler_the_plain_path_runs_with_one_warning(monkeypatch, tm
         monkeypatch.undo()
         loader.reset_for_tests()
         assert (loader.load_cpu_kernels() is not None) == had_kernels  # as before, for the other tests
+
+
+def test_attention_probabilities_come_from_the_fast_kernel_too(kernels):
+    """output_attentions on CPU: the masked-softmax kernel returns the probabilities it computed (no switch to
+    the plain path); they equal the plain path's, padding included."""
+    paddle.seed(6)
+    model = MODEL_CLASSES["MegatronBertModel"](MegatronBertConfig(**TINY))
+    model.eval()
+    input_ids, token_type_ids, attention_mask = (paddle.to_tensor(a) for a in batch_arrays(padding=True))
+    probs = {}
+    for fast in (False, True):
+        ops.use_fast_kernels(fast)
+        with paddle.no_grad():
+            out = model(input_ids, attention_mask, token_type_ids, output_attentions=True, return_dict=True)
+        probs[fast] = [a.numpy() for a in out.attentions]
+    assert len(probs[True]) == TINY["num_hidden_layers"]
+    for plain, fast in zip(probs[False], probs[True]):
+        np.testing.assert_allclose(fast, plain, rtol=RTOL, atol=1e-7)
+        np.testing.assert_allclose(fast.sum(-1), 1.0, rtol=1e-5)
+    assert np.abs(probs[True][0][2, :, :, -5:]).max() < 1e-6  # row 2's five padding keys get no probability

@@ -272,7 +272,7 @@ def test_save_pretrained_from_pretrained_bit_identical(tmp_path):
     model = MegatronBertForQuestionAnswering(tiny_config())
     model.eval()
     model.save_pretrained(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model_state.pdparams"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["hidden_size"] == 32 and saved["architectures"] == ["MegatronBertForQuestionAnswering"]
     loaded = MegatronBertForQuestionAnswering.from_pretrained(str(tmp_path))
@@ -440,8 +440,15 @@ def test_missing_or_corrupt_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="is neither a registered name"):
         MegatronBertModel.from_pretrained(str(tmp_path / "nope"))
     tiny_config().save_pretrained(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="has no model_state.pdparams"):
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         MegatronBertModel.from_pretrained(str(tmp_path))
     (tmp_path / "model_state.pdparams").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="cannot read .*model_state.pdparams as a Paddle state dict"):
+    with pytest.raises(ValueError, match="cannot read .*model_state.pdparams as a Paddle state file"):
         MegatronBertModel.from_pretrained(str(tmp_path))
+    MegatronBertModel(tiny_config()).save_pretrained(str(tmp_path))
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    for broken, error in ((b"not safetensors", "model.safetensors is not a safetensors file"),
+                          (whole[: len(whole) - 100], "cannot read .*model.safetensors: it is truncated")):
+        (tmp_path / "model.safetensors").write_bytes(broken)
+        with pytest.raises(ValueError, match=error):
+            MegatronBertModel.from_pretrained(str(tmp_path))

@@ -1,7 +1,6 @@
 """run_glue.py and its data path: the official TSV layouts, strict reading, every task end to end with its
 metric, and a tiny model that learns a synthetic SST-2-format task when run as a user runs it."""
 
-import importlib.util
 import json
 import os
 import random
@@ -11,19 +10,15 @@ import sys
 
 import pytest
 
+from helpers.runners import load_runner
+
 from paddle_megatronbert.data.glue import GLUE_TASKS, get_glue_task, read_glue_tsv
-from paddle_megatronbert.finetune import resolve_device, shard_batches
+from paddle_megatronbert.finetune import shard_batches
+from paddle_megatronbert.loop import resolve_device
 from paddle_megatronbert.tokenizer import VOCAB_FILES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE_DIR = os.path.join(ROOT, "tests", "fixtures", "glue")
-
-
-def load_runner(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_tiny_model(directory, vocab_file, hidden=32):
@@ -184,6 +179,37 @@ def test_every_task_trains_and_reports_its_metric(name, tiny_uncased_model, tmp_
     printed = capsys.readouterr().out
     assert "global step 2/2, epoch: 1, batch: 4, loss: " in printed  # 2 micro-batches per optimizer step
     assert printed.count("eval loss: ") == 2 * len(task.dev_splits)
+
+
+def _records(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_fine_tuning_resumes_exactly_with_the_same_loop_as_pretraining(tiny_uncased_model, tmp_path, capsys):
+    """The one loop's checkpoints in fine-tuning: stop at step 2 (--exit_interval), rerun the same command, and
+    the losses, LRs, evaluations and kept model equal a straight run's (dropout on, so the RNG must come back).
+    No --max_seq_length: it defaults to the model's 128 positions."""
+    common = ["--task_name", "SST-2", "--data_dir", GLUE_DIR, "--model_name_or_path", tiny_uncased_model,
+              "--device", "cpu", "--batch_size", "1", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+              "--hidden_dropout_prob", "0.1", "--learning_rate", "1e-3", "--no_progress", "--visualdl", "false"]
+    run_glue = load_runner("run_glue")
+    straight = run_glue.main(common + ["--output_dir", str(tmp_path / "straight")])
+    assert "note: --max_seq_length 128, the model's max_position_embeddings" in capsys.readouterr().out
+    run_glue.main(common + ["--output_dir", str(tmp_path / "resumed"), "--exit_interval", "2"])
+    assert "exiting at step 2 as asked" in capsys.readouterr().out
+    resumed = run_glue.main(common + ["--output_dir", str(tmp_path / "resumed")])
+    assert "resumed from " in capsys.readouterr().out
+    a, b = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "epoch", "batch"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert len({r["loss"] for r in a}) == 4
+    state_a, state_b = (json.load(open(tmp_path / d / "trainer_state.json")) for d in ("straight", "resumed"))
+    assert [h["step"] for h in state_b["history"]] == [2, 4] and state_a == state_b
+    assert resumed == straight or (not resumed and state_b["best_step"] == 2)  # the best came before the stop
+    assert sorted(os.listdir(tmp_path / "resumed")) == ["best_model", "checkpoint-4", "eval_results.json", "latest",
+                                                         "metrics.jsonl", "trainer_state.json"]
 
 
 # ---- learning a synthetic task ------------------------------------------------------------------------------

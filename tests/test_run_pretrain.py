@@ -23,13 +23,12 @@ sys.path.insert(0, REPO)
 LAUNCH_TIMEOUT_S = 120
 
 import run_pretrain  # noqa: E402
+from paddle_megatronbert.checkpoint.training_state import latest_checkpoint, read_trainer_state  # noqa: E402
 from paddle_megatronbert.training import (  # noqa: E402
     MetricsLogger,
     NonFiniteLossError,
-    latest_checkpoint,
     linear_warmup_decay,
     pretraining_flops_per_sequence,
-    read_trainer_state,
     resolve_amp,
 )
 
@@ -75,15 +74,18 @@ def test_tiny_model_learns_from_the_shipped_text(data, tmp_path):
     assert record["tflops"] > 0 and record["lr"] < 2e-3
 
 
-def test_resume_continues_exactly_with_dropout_on(data, tmp_path):
+def test_resume_continues_exactly_with_dropout_on(data, tmp_path, capsys):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_pretrain.main(pretrain_argv(data, straight))
     first = run_pretrain.main(pretrain_argv(data, interrupted, "--exit_interval", "10"))
     assert first["step"] == 10 and latest_checkpoint(str(interrupted)).endswith("checkpoint-10")
     position = read_trainer_state(latest_checkpoint(str(interrupted)))["data_position"]
     assert (position["epoch"], position["batches_in_epoch"], position["offset"]) == (0, 10, 80)
+    capsys.readouterr()
     second = run_pretrain.main(pretrain_argv(data, interrupted))  # the same command resumes from `latest`
     assert second["step"] == 20
+    start = capsys.readouterr().out.splitlines()[0]  # the start-up line says where the weights come from
+    assert f"resumed from {interrupted}/checkpoint-10 at step 10" in start and "from scratch" not in start, start
     a, b = records(straight), records(interrupted)
     assert [r["step"] for r in b] == list(range(1, 21))  # one record per step, none repeated
     for key in ("loss", "mlm_loss", "nsp_loss", "lr"):
@@ -91,8 +93,10 @@ def test_resume_continues_exactly_with_dropout_on(data, tmp_path):
     assert len({r["loss"] for r in a[10:]}) == 10  # dropout on: every step differs
     import paddle
 
-    weights_a = paddle.load(str(straight / "checkpoint-20" / "model_state.pdparams"), return_numpy=True)
-    weights_b = paddle.load(str(interrupted / "checkpoint-20" / "model_state.pdparams"), return_numpy=True)
+    from safetensors.numpy import load_file
+
+    weights_a = load_file(str(straight / "checkpoint-20" / "model.safetensors"))
+    weights_b = load_file(str(interrupted / "checkpoint-20" / "model.safetensors"))
     assert all(np.array_equal(weights_a[k], weights_b[k]) for k in weights_a)
     from paddle_megatronbert import MegatronBertForPreTraining
 
@@ -119,7 +123,8 @@ def test_sigkill_during_checkpoint_write_leaves_a_checkpoint_that_loads(data, tm
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     # Killed between writing checkpoint-6's files and the rename: `latest` still names checkpoint-3.
-    assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-6.tmp", "latest", "metrics.jsonl"]
+    # the lock file stays after kill -9 (the next run takes it over)
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-6.tmp", "latest", "metrics.jsonl", "run.lock"]
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-3")
     killed = records(out)
     assert [r["step"] for r in killed] == [1, 2, 3, 4, 5, 6]
@@ -146,8 +151,8 @@ def test_tensor_parallel_2_gives_the_first_losses_of_tp_1(data, tmp_path):
     for a, b in zip(tp1, tp2):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["mlm_loss"] - b["mlm_loss"]) < 1e-5, (a, b)
     assert sorted(f for f in os.listdir(tmp_path / "tp2" / "checkpoint-5") if "tp0" in f) == [
-        "model_state.tp00.pdparams", "model_state.tp01.pdparams", "optimizer.tp00.sd00.pdopt",
-        "optimizer.tp01.sd00.pdopt"]
+        "model.tp00.safetensors", "model.tp01.safetensors", "optimizer.tp00.sd00.safetensors",
+        "optimizer.tp01.sd00.safetensors"]
 
 
 def test_non_finite_loss_stops_the_run_before_it_is_logged_or_saved(data, tmp_path):

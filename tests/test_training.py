@@ -1,4 +1,4 @@
-"""What run_pretrain.py takes from the model and training.py: activation recompute, gradient accumulation,
+"""What the training loop (loop.py) takes from the model and training.py: activation recompute, gradient accumulation,
 which parameters AdamW decays, and the warm-up/decay learning-rate schedule."""
 
 import numpy as np
@@ -74,8 +74,8 @@ def test_recompute_gives_the_same_loss_and_gradients(monkeypatch):
 
 
 def test_two_micro_batches_accumulate_to_the_full_batch_gradient():
-    # run_pretrain.py has no accumulation function of its own (the loop is inline in main()): this repeats
-    # its step, `(out.loss / accumulation).backward()` per micro-batch, then one optimizer step.
+    # This repeats the step of the one loop (loop.train, inline there): `(out.loss / accumulation).backward()`
+    # per micro-batch, then one optimizer step.
     # Exact only because both micro-batches hold the same number of labelled MLM positions (4 rows x
     # PREDICTIONS, no -100): the MLM loss is a mean over labelled positions, so unequal counts would weight
     # them differently from the full batch. The NSP loss is a mean over rows, equal counts (4 and 4) too.
@@ -147,3 +147,20 @@ def test_warmup_proportion_one_warms_up_over_every_step():
     expected = [lr * s / total for s in range(total)] + [0.0]
     np.testing.assert_allclose(schedule_values(linear_warmup_decay(lr, total, 1.0), total), expected, rtol=0,
                                atol=1e-12)
+
+
+def test_the_one_loss_scaler_halves_after_two_overflows_in_a_row(monkeypatch):
+    # Paddle's GradScaler is disabled on CPU (its getters fail), so the settings are read where they are passed.
+    from paddle_megatronbert.training import build_grad_scaler
+
+    passed = {}
+
+    class RecordingScaler:
+        def __init__(self, **kwargs):
+            passed.update(kwargs)
+
+    monkeypatch.setattr(paddle.amp, "GradScaler", RecordingScaler)
+    assert isinstance(build_grad_scaler("fp16", 1024.0), RecordingScaler)
+    assert passed == dict(init_loss_scaling=1024.0, incr_every_n_steps=1000, decr_every_n_nan_or_inf=2,
+                          use_dynamic_loss_scaling=True)
+    assert build_grad_scaler("bf16") is None and build_grad_scaler("none") is None

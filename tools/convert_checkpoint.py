@@ -2,12 +2,14 @@
 """Convert a MegatronBERT checkpoint: PyTorch (HF, Megatron-LM, NGC) into a Paddle model directory, and back.
 
     python tools/convert_checkpoint.py SRC DST [--from {hf,megatron,paddle}] [--to {paddle,hf,megatron}]
-        [--dtype {float32,float16,bfloat16}] [--vocab_file F] [--tensor_parallel_degree N] [--verify]
+        [--dtype {float32,float16,bfloat16}] [--vocab_file F] [--tensor_parallel_degree N]
+        [--megatron_layout {core,legacy}] [--verify] [--safe_serialization {true,false}]
 
 SRC: an HF ``MegatronBert*`` directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``),
 an NGC zip (``megatron_bert_345m_v0_1_uncased.zip``), a Megatron-LM checkpoint directory (with
-``latest_checkpointed_iteration.txt``, ``release/`` or ``iter_XXXXXXX/``; tensor-parallel ``mp_rank_XX``
-shards are merged), one ``model_optim_rng.pt``, or one of our Paddle directories (for ``--to hf`` /
+``latest_checkpointed_iteration.txt``, ``release/`` or ``iter_XXXXXXX/``; ``mp_rank_TT`` / ``mp_rank_TT_PPP``
+shards are merged over TP and PP; ``torch_dist`` directories are read with torch.distributed.checkpoint;
+the NEW_DIR of Megatron-LM's conversion, holding ``torch/``, is accepted), one ``model_optim_rng.pt``, or one of our Paddle directories (for ``--to hf`` /
 ``--to megatron``). DST is written whole or not at all; a Paddle DST loads with
 ``MegatronBertFor*.from_pretrained(DST)``, an HF one with transformers, a Megatron one with Megatron-LM
 (``--load DST``). ``conversion_report.json`` beside it lists every tensor. See docs/converting.md.
@@ -33,9 +35,15 @@ def parse_args(argv=None):
                         help="what DST becomes (default: a Paddle model directory)")
     parser.add_argument("--tensor_parallel_degree", type=int, default=1,
                         help="with --to megatron: the number of mp_rank_XX shards to write")
+    parser.add_argument("--megatron_layout", default="core", choices=("core", "legacy"),
+                        help="with --to megatron: core (default) = megatron-core BertModel names and args, what "
+                             "Megatron-LM loads today; legacy = the legacy BERT (Megatron-LM before core_v0.18)")
     parser.add_argument("--verify", action="store_true",
                         help="compare the source and the result on a probe batch (HF <-> Paddle; needs torch "
                              "and transformers)")
+    parser.add_argument("--safe_serialization", default="true", choices=("true", "false"),
+                        help="with --to paddle: write model.safetensors (true, the default) or, for tools that "
+                             "want Paddle's pickle, model_state.pdparams (false)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="dtype of the written weights (default float32)")
     parser.add_argument("--vocab_file", help="vocab.txt to ship with the model (default: the one in SRC, if any)")
@@ -58,7 +66,9 @@ def main(argv=None) -> int:
                                     vocab_file=args.vocab_file, overwrite=args.overwrite,
                                     num_attention_heads=args.num_attention_heads,
                                     allow_vocab_mismatch=args.allow_vocab_mismatch,
-                                    tensor_parallel_degree=args.tensor_parallel_degree, verify=args.verify)
+                                    tensor_parallel_degree=args.tensor_parallel_degree, verify=args.verify,
+                                    safe_serialization=args.safe_serialization == "true",
+                                    megatron_layout=args.megatron_layout)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """Conversion of checkpoints from other frameworks and names into this package's Paddle state dicts.
 
 Readers (``hf.py``: transformers directories; ``megatron.py``: Megatron-LM / NGC checkpoints, TP shards
-merged) give one state dict with our names; ``writer.py`` writes it as a Paddle model directory;
-``tensor_files.py`` reads and writes the files (safetensors without torch, torch pickles safely).
+merged; ``paddle_dir.py``: our own directories) give one state dict with our names; ``writer.py`` writes it
+as a Paddle model directory (or exports it). Weight files themselves are read and written by
+``paddle_megatronbert.checkpoint`` (safetensors, Paddle pickles without running code); ``tensor_files.py``
+reads torch pickles safely. Converters never import the model.
 """
 
 from .paddlenlp import from_paddlenlp_names, is_paddlenlp_state  # noqa: F401

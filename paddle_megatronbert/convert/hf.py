@@ -19,8 +19,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ..checkpoint.weights import LazyTensor, is_paddle_layout, read_safetensors
 from ..configuration import MegatronBertConfig
-from .tensor_files import load_torch_pickle, read_safetensors, tensor_to_numpy
+from .tensor_files import load_torch_pickle, tensor_to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ _BODY_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 
 
 def is_hf_directory(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES)
+    """config.json and transformers' weight files, in transformers' layout (``model.safetensors`` is also
+    the Paddle file name: ``checkpoint.weights.is_paddle_layout`` tells them apart)."""
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+            and any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) and not is_paddle_layout(path))
 
 
 def _weight_files(directory: str) -> Tuple[List[str], str]:
@@ -154,7 +157,7 @@ class HFCheckpoint:
         tensors, paths = {}, set()
         for path in self.files:
             if self.format == "safetensors":
-                part, how = read_safetensors(path), "safetensors (no torch)"
+                part, how = read_safetensors(path), "safetensors"
             else:
                 part, how = load_torch_pickle(path)
                 if not isinstance(part, dict):
@@ -205,13 +208,13 @@ class HFCheckpoint:
             source = self.source_names[name]
             if name == "cls.predictions.bias" and "cls.predictions.decoder.bias" in tensors:
                 continue  # HF's forward adds decoder.bias; the two are one tensor when tied
-            value = tensor_to_numpy(tensors[name])
+            value = _to_numpy(tensors[name])
             if name == "cls.predictions.decoder.bias":
                 yield "cls.predictions.bias", _copy(value), source
             elif name == "cls.predictions.decoder.weight":
                 if tied:
                     embedding = tensors.get("bert.embeddings.word_embeddings.weight")
-                    if embedding is not None and not np.array_equal(value, tensor_to_numpy(embedding)):
+                    if embedding is not None and not np.array_equal(value, _to_numpy(embedding)):
                         raise ValueError(f"{self.directory}: config.json ties the LM decoder to the word embeddings "
                                          "(tie_word_embeddings) but cls.predictions.decoder.weight differs from them")
                     continue
@@ -220,6 +223,11 @@ class HFCheckpoint:
                 yield name, np.ascontiguousarray(value.T), source
             else:
                 yield name, _copy(value), source
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A safetensors tensor (read now) or a torch tensor -> numpy."""
+    return np.asarray(value) if isinstance(value, LazyTensor) else tensor_to_numpy(value)
 
 
 def _copy(array: np.ndarray) -> np.ndarray:

@@ -1,28 +1,28 @@
 """Our own Paddle model directories as a conversion source (for export to HF or Megatron-LM).
 
-A directory holds ``config.json`` and ``model_state.pdparams``, or per-rank ``model_state.tpNN.pdparams``
-shards (``save_pretrained(merge_tensor_parallel=False)``), which are merged; PaddleNLP-named states are
-renamed to ours.
+A directory holds ``config.json`` and ``model.safetensors`` (or ``model_state.pdparams``, or per-rank
+shards of either, from ``save_pretrained(merge_tensor_parallel=False)``, which are merged); it is read by
+``checkpoint.weights``, the one reader of model directories. PaddleNLP-named states are renamed to ours.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, List, Tuple
 
 import numpy as np
 
+from ..checkpoint.files import CONFIG_NAME, shard_rank
+from ..checkpoint.weights import is_paddle_layout, load_model_state, weight_files
 from ..configuration import MegatronBertConfig
 from .paddlenlp import from_paddlenlp_names, is_paddlenlp_state
 
 
 def is_paddle_directory(path: str) -> bool:
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return False
-    return any(n == "model_state.pdparams" or re.fullmatch(r"model_state\.tp\d+\.pdparams", n)
-               for n in os.listdir(path))
+    return is_paddle_layout(path)
 
 
 @dataclass
@@ -39,16 +39,14 @@ class PaddleCheckpoint:
     kind = "paddle"
     naming = "paddle"
     checkpoint_version = None
-    read_with = ["paddle.load"]
 
     def __post_init__(self):
-        from ..modeling import load_state_file
-
         self.config = MegatronBertConfig.from_pretrained(self.directory)
-        shards = [n for n in os.listdir(self.directory) if re.fullmatch(r"model_state\.tp\d+\.pdparams", n)]
-        single = os.path.isfile(os.path.join(self.directory, "model_state.pdparams"))
-        self.tensor_parallel_degree = 1 if single else len(shards)
-        state = load_state_file(self.directory)
+        files = weight_files(self.directory)
+        self.tensor_parallel_degree = len(files) if shard_rank(files[0]) is not None else 1
+        self.read_with = ["safetensors" if files[0].endswith((".safetensors", ".index.json")) else
+                          "restricted unpickler (.pdparams)"]
+        state = load_model_state(self.directory)
         if is_paddlenlp_state(state):
             state = from_paddlenlp_names(state)
             self.notes.append("PaddleNLP parameter names renamed to ours")

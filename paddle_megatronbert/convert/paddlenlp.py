@@ -25,13 +25,17 @@ _RENAMES = [  # (PaddleNLP regex, ours), applied in order to each name
 
 
 def is_paddlenlp_state(state: Dict[str, np.ndarray]) -> bool:
-    return any(name.startswith("megatronbert.") for name in state)
+    """A head saved by PaddleNLP says ``megatronbert.``; its bare ``MegatronBertModel`` has no prefix but
+    PaddleNLP's ``layer_norm`` (ours is ``ln``)."""
+    return any(name.startswith("megatronbert.") or ".layer_norm." in name for name in state)
 
 
 def from_paddlenlp_names(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Rename every key of a PaddleNLP MegatronBert state dict to ours (values untouched)."""
+    """Rename every key of a PaddleNLP MegatronBert state dict to ours (values untouched, not read)."""
     out = {}
     for name, value in state.items():
+        if name.startswith(("embeddings.", "encoder.", "pooler.")):  # a bare PaddleNLP MegatronBertModel
+            name = "megatronbert." + name
         for pattern, repl in _RENAMES:
             name = re.sub(pattern, repl, name)
         out[name] = value

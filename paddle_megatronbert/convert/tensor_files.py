@@ -1,115 +1,25 @@
-"""Reading and writing the files that hold tensors: safetensors (numpy only, no torch) and torch pickles.
+"""Reading torch pickles safely (safetensors files are ``checkpoint.weights``'s, through the ``safetensors`` package).
 
 torch pickles are read with ``torch.load(weights_only=True)`` when the file allows it. A Megatron-LM
 ``model_optim_rng.pt`` usually does not (its ``args`` is an ``argparse.Namespace``, its RNG state holds
-numpy arrays, newer ones pickle ``megatron.*`` enums): those go through :class:`RestrictedUnpickler`,
-which rebuilds tensors, containers, ``Namespace``, numpy arrays and plain values, turns every ``megatron.*``
-class into an inert stub that keeps its name and value, and refuses every other global, so no code from
-the file runs and no Megatron-LM checkout is needed.
+numpy arrays, newer ones pickle ``megatron.*`` enums and ``signal.SIGTERM``): those go through
+:class:`RestrictedUnpickler`, which rebuilds tensors, containers, plain values and what megatron-core's
+``safe_globals.py`` lists, turns every ``megatron.*`` class into an inert stub that keeps its name and
+value, and refuses every other global, so no code from the file runs and no Megatron-LM checkout is needed.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import pickle
 import re
-import struct
 from typing import Any, Dict, Iterator, Tuple
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
-
-
-# ---- safetensors ---------------------------------------------------------------------------------
-# https://github.com/huggingface/safetensors: u64 little-endian header length, JSON header, raw data.
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_NUMPY_TO_SAFETENSORS = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items() if k != "BF16"}
-
-
-def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 stored as uint16 bits -> float32 (exact: bf16 is the top half of an fp32)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), rounding to nearest even as torch and Paddle do."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-    return ((bits + rounding) >> 16).astype(np.uint16)
-
-
-def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """Every tensor of a ``.safetensors`` file as a numpy array, memory-mapped (nothing is read until
-    used); bfloat16 tensors come back as float32. Needs neither torch nor the safetensors package."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors file: {size} bytes, too short for a header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise ValueError(f"{path} is truncated or not a safetensors file: header of {header_len} bytes, "
-                             f"file of {size}")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not a safetensors file: unreadable header ({err})") from None
-    data_start = 8 + header_len
-    header.pop("__metadata__", None)
-    tensors = {}
-    if not header:
-        return tensors
-    end = max(int(info["data_offsets"][1]) for info in header.values())
-    if data_start + end > size:
-        raise ValueError(f"{path} is truncated: its header needs {data_start + end} bytes, the file has {size}")
-    mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(end,)) if end else None
-    for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not know")
-        begin, stop = (int(x) for x in info["data_offsets"])
-        raw = mapped[begin:stop] if stop > begin else np.zeros(0, np.uint8)
-        array = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-        tensors[name] = bfloat16_bits_to_float32(array) if info["dtype"] == "BF16" else array
-    return tensors
-
-
-def write_safetensors(tensors: Dict[str, np.ndarray], path: str, metadata: Dict[str, str] = None,
-                      dtype: str = None) -> None:
-    """numpy arrays -> ``.safetensors``, one tensor at a time so no second copy of the model is made.
-    ``dtype`` (``float32``/``float16``/``bfloat16``) casts the float arrays as they are written;
-    ``None`` keeps each array's dtype."""
-    def stored(array):
-        if dtype is None or not np.issubdtype(array.dtype, np.floating):
-            return array
-        if dtype == "bfloat16":
-            return float32_to_bfloat16_bits(array)
-        return array.astype(dtype, copy=False)
-
-    header: Dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, array in tensors.items():
-        is_bf16 = dtype == "bfloat16" and np.issubdtype(array.dtype, np.floating)
-        out_dtype = np.dtype(np.uint16 if is_bf16 else stored(array[:0]).dtype)
-        if not is_bf16 and out_dtype not in _NUMPY_TO_SAFETENSORS:
-            raise ValueError(f"cannot write tensor {name} of dtype {out_dtype} to safetensors")
-        nbytes = int(np.prod(array.shape)) * out_dtype.itemsize
-        header[name] = {"dtype": "BF16" if is_bf16 else _NUMPY_TO_SAFETENSORS[out_dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(stored(array)).tobytes())
 
 
 # ---- torch pickles --------------------------------------------------------------------------------
@@ -122,8 +32,9 @@ def _import_torch(path: str):
 
 
 class InertStub:
-    """Stands in for a class of Megatron-LM that is not installed: keeps the name and whatever the
-    pickle passed (an enum's value, an object's state); has no behaviour."""
+    """Stands in for a class of Megatron-LM that is not installed (or, like torch's RNG generator, one
+    that must not come alive): keeps the name and whatever the pickle passed (an enum's value, an
+    object's state); has no behaviour."""
 
     _qualname = "?"
 
@@ -157,16 +68,34 @@ def _stub_class(module: str, name: str) -> type:
 
 
 def _allowed_globals():
+    """(module, name) -> what the restricted unpickler may build. Besides torch's tensors and plain
+    containers, this is what megatron-core's own ``megatron/core/safe_globals.py`` registers as the
+    globals its checkpoints legitimately pickle (0.19: ``SimpleNamespace``, ``PosixPath``, numpy arrays,
+    dtypes and ``UInt32DType``, ``Namespace``, ``BytesIO``, ``signal.Signals``, ``torch._C.Generator``
+    and megatron's own enums/configs): each is either a plain value type whose construction runs no code
+    of the file's choosing, or (the torch RNG generator) an inert stub."""
     import argparse
     import codecs
     import collections
     import copyreg
+    import pathlib
+    import signal
+    import types
 
     torch = _import_torch("a torch pickle")
     allowed = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("collections", "defaultdict"): collections.defaultdict,
         ("argparse", "Namespace"): argparse.Namespace,
+        ("types", "SimpleNamespace"): types.SimpleNamespace,
+        # Megatron-LM's args.exit_signal (signal.SIGTERM): an IntEnum, Signals(15) only looks the member up.
+        ("signal", "Signals"): signal.Signals,
+        # args.save / args.load given as paths; PurePosixPath builds the path without touching the disk.
+        ("pathlib", "PosixPath"): pathlib.PurePosixPath,
+        ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+        # the RNG state's torch generator: kept as its pickled state, never made a live generator
+        ("torch._C", "Generator"): _stub_class("torch._C", "Generator"),
+        ("torch", "Generator"): _stub_class("torch", "Generator"),
         ("_codecs", "encode"): codecs.encode,
         ("copyreg", "_reconstructor"): copyreg._reconstructor,
         ("io", "BytesIO"): io.BytesIO,  # Transformer Engine's _extra_state
@@ -185,6 +114,10 @@ def _allowed_globals():
         if hasattr(torch._utils, name):
             allowed[("torch._utils", name)] = getattr(torch._utils, name)
     allowed[("torch._tensor", "_rebuild_from_type_v2")] = torch._tensor._rebuild_from_type_v2
+    dtype_classes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    for name in dir(dtype_classes) if dtype_classes else ():  # UInt32DType ...: the type objects themselves
+        if name.endswith("DType"):
+            allowed[("numpy.dtypes", name)] = getattr(dtype_classes, name)
     multiarray = np.core.multiarray
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 2 pickles say numpy._core
         allowed[(module, "_reconstruct")] = multiarray._reconstruct
@@ -227,7 +160,10 @@ class _RestrictedPickleModule:
 
 def _torch_load(torch, path, **kwargs):
     """``torch.load`` memory-mapped where the file format allows it (zip format), so the tensors are
-    read from disk when converted instead of all at once."""
+    read from disk when converted instead of all at once. ``path`` may be an in-memory file."""
+    if not isinstance(path, (str, os.PathLike)):
+        path.seek(0)
+        return torch.load(path, map_location="cpu", **kwargs)
     try:
         return torch.load(path, map_location="cpu", mmap=True, **kwargs)
     except RuntimeError as err:
@@ -236,13 +172,15 @@ def _torch_load(torch, path, **kwargs):
     return torch.load(path, map_location="cpu", **kwargs)
 
 
-def load_torch_pickle(path: str) -> Tuple[Any, str]:
-    """The object stored in a ``torch.save`` file and how it was read: ``"weights_only"`` or
+def load_torch_pickle(source, label: str = None) -> Tuple[Any, str]:
+    """The object stored in a ``torch.save`` file (a path, or an in-memory file such as a
+    ``torch_dist`` checkpoint's ``common_state``) and how it was read: ``"weights_only"`` or
     ``"restricted"`` (see the module docstring). Raises ValueError with one line for a truncated,
-    foreign or refused file."""
+    foreign or refused file; ``label`` names an in-memory one in messages."""
+    path = label or source
     torch = _import_torch(path)
     try:
-        return _torch_load(torch, path, weights_only=True), "weights_only"
+        return _torch_load(torch, source, weights_only=True), "weights_only"
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):  # not a refused global: a broken or foreign file
             raise ValueError(f"cannot read {path} as a PyTorch checkpoint, truncated or not a torch file "
@@ -255,15 +193,16 @@ def load_torch_pickle(path: str) -> Tuple[Any, str]:
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint, truncated or not a torch file "
                          f"({type(err).__name__}: {_first_line(err)})") from None
     try:
-        loaded = _torch_load(torch, path, weights_only=False, pickle_module=_RestrictedPickleModule)
+        loaded = _torch_load(torch, source, weights_only=False, pickle_module=_RestrictedPickleModule)
         # Said only once the restricted read worked: for a broken file the error below is the one line.
         logger.info("%s cannot be read with torch.load(weights_only=True) (%s); read it with the restricted "
                     "unpickler", path, why)
         return loaded, "restricted"
     except pickle.UnpicklingError as err:
         if "refused to load global" in str(err):
-            raise ValueError(f"{path}: {err} (only tensors, containers, argparse.Namespace, numpy arrays and "
-                             "megatron.* classes, as inert stubs, are rebuilt; nothing in the file is run)") from None
+            raise ValueError(f"{path}: {err} (only tensors, containers, plain values, numpy arrays, what "
+                             "megatron-core's safe_globals lists, and megatron.* classes as inert stubs are "
+                             "rebuilt; nothing in the file is run)") from None
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint, truncated or not a torch file "
                          f"({_first_line(err)})") from None
     except Exception as err:

@@ -2,7 +2,8 @@
 
 Kinds: ``hf`` (a transformers ``MegatronBert*`` directory or one of its weight files), ``megatron``
 (an NGC zip, a Megatron-LM checkpoint directory with ``latest_checkpointed_iteration.txt``, ``release/``
-or ``iter_XXXXXXX/``, an ``mp_rank_XX`` directory, or one ``model_optim_rng.pt``) and, as a source for
+or ``iter_XXXXXXX/`` — ``torch`` or ``torch_dist`` format —, the NEW_DIR of Megatron-LM's checkpoint
+conversion holding ``torch/``, an ``mp_rank_XX`` directory, or one ``model_optim_rng.pt``) and, as a source for
 export, ``paddle`` (a model directory of this package, at any tensor-parallel degree).
 """
 
@@ -17,7 +18,8 @@ import numpy as np
 
 from ..configuration import MegatronBertConfig
 from .hf import HFCheckpoint, is_hf_directory, read_hf_checkpoint
-from .megatron import CHECKPOINT_FILES, MegatronCheckpoint, is_distributed_checkpoint, read_megatron_checkpoint
+from .megatron import (CHECKPOINT_FILES, CONVERTED_SUBDIRS, MegatronCheckpoint, is_distributed_checkpoint,
+                       read_megatron_checkpoint)
 from .paddle_dir import PaddleCheckpoint, is_paddle_directory
 
 SOURCE_KINDS = ("hf", "megatron", "paddle")
@@ -44,10 +46,11 @@ def detect_source_kind(path: str) -> str:
     if ("latest_checkpointed_iteration.txt" in names or "release" in names or is_distributed_checkpoint(path)
             or any(re.fullmatch(r"iter_\d+|mp_rank_\d+(_\d+)?", n) for n in names)
             or any(n in CHECKPOINT_FILES for n in names)
+            or any(n in CONVERTED_SUBDIRS and os.path.isdir(os.path.join(path, n)) for n in names)
             or re.fullmatch(r"mp_rank_\d+(_\d+)?", os.path.basename(os.path.normpath(path)))):
         return "megatron"
     raise ValueError(f"{path} is not a checkpoint: it has neither config.json with pytorch_model.bin/model.safetensors "
-                     "(HF) nor latest_checkpointed_iteration.txt, release/, iter_XXXXXXX/, mp_rank_XX/ or "
+                     "(HF) nor latest_checkpointed_iteration.txt, release/, iter_XXXXXXX/, mp_rank_XX/, torch/ or "
                      "model_optim_rng.pt (Megatron-LM)")
 
 

@@ -19,18 +19,18 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ..modeling import WEIGHTS_NAME
+from ..checkpoint.files import PADDLE_WEIGHTS_NAME, WEIGHTS_NAME
+from ..checkpoint.weights import write_pdparams, write_safetensors
+from ..vocab_resolution import (DEFAULT_PADDED_FOR_TP, REGISTERED_LOWER_CASE, REGISTERED_VOCABS, count_vocab,
+                                registered_vocab_for_rows, vocab_fit_problem)
 from .hf import hf_config_dict, to_hf_tensors
 from .megatron import MegatronCheckpoint, padded_vocab_size, write_megatron_checkpoint, zip_vocab_member
-from .tensor_files import write_safetensors
 from .torch_checkpoints import Checkpoint, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 REPORT_NAME = "conversion_report.json"
-# BERT's two WordPiece vocabularies, by their size before Megatron pads them.
-KNOWN_VOCABS = {28996: "cased", 30522: "uncased"}
 
 
 def cast_tensor(array: np.ndarray, dtype: str):
@@ -43,25 +43,6 @@ def cast_tensor(array: np.ndarray, dtype: str):
 
         return paddle.to_tensor(np.asarray(array, dtype=np.float32)).astype("bfloat16")
     return array.astype(dtype, copy=False)
-
-
-def save_state(state: Dict[str, Any], path: str) -> None:
-    """Write a ``model_state.pdparams`` that ``paddle.load`` reads, without a second copy of the model.
-
-    ``paddle.save`` pickles with protocol 4, where each array is first copied into a bytes object that the
-    pickler's memo keeps alive until the end: two copies of the model at the peak. Protocol 5 writes each
-    array's memory as it is (``PickleBuffer``), and ``paddle.load`` reads the file the same way.
-    Paddle tensors (bfloat16) go through ``paddle.save``, the only writer that records their dtype.
-    """
-    if any(not isinstance(v, np.ndarray) for v in state.values()):
-        import paddle
-
-        paddle.save(state, path)
-        return
-    import pickle
-
-    with open(path, "wb") as f:
-        pickle.Pickler(f, protocol=5).dump(state)
 
 
 def find_vocab_file(source: str, checkpoint: Checkpoint, workdir: str) -> Optional[str]:
@@ -85,31 +66,13 @@ def find_vocab_file(source: str, checkpoint: Checkpoint, workdir: str) -> Option
     return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def count_vocab(path: str) -> int:
-    """Tokens in a WordPiece vocab file: one per line, trailing blank lines not counted."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return len(lines)
-
-
 def check_vocab_fits(vocab_path: str, vocab_tokens: int, embedding_rows: int, tensor_parallel_degree: int,
                      allow_mismatch: bool) -> Optional[str]:
-    """An error for a vocab file the checkpoint was not trained with (``None`` when it fits).
-
-    Megatron pads the vocabulary to a multiple of 128 x TP, so the embedding has between 0 and 128*TP-1
-    rows more than the vocab file has lines; a cased vocab (28996) with an uncased checkpoint (30592 rows)
-    or the reverse falls outside that.
-    """
-    slack = 128 * max(tensor_parallel_degree, 1)
-    if 0 <= embedding_rows - vocab_tokens < slack:
+    """An error for a vocab file the checkpoint was not trained with (``None`` when it fits): the rule is
+    ``vocab_resolution.vocab_fit_problem`` with Megatron's padding to a multiple of 128 x TP."""
+    message = vocab_fit_problem(vocab_path, vocab_tokens, embedding_rows, "the checkpoint", tensor_parallel_degree)
+    if message is None:
         return None
-    known = {n: f" ({kind} BERT)" for n, kind in KNOWN_VOCABS.items()}
-    padded = {-(-raw // 128) * 128: f" (BERT's {kind} {raw} padded)" for raw, kind in KNOWN_VOCABS.items()}
-    message = (f"vocab file {vocab_path} has {vocab_tokens} tokens{known.get(vocab_tokens, '')} but the checkpoint "
-               f"has {embedding_rows} embedding rows{padded.get(embedding_rows, '')}; padding adds fewer than "
-               f"{slack} rows, so this is not the vocabulary (or casing) the weights were trained with")
     if allow_mismatch:
         logger.warning("%s (kept: --allow_vocab_mismatch)", message)
         return None
@@ -133,13 +96,16 @@ TARGETS = ("paddle", "hf", "megatron")
 def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None, to: str = "paddle",
                        dtype: str = "float32", vocab_file: Optional[str] = None, overwrite: bool = False,
                        num_attention_heads: Optional[int] = None, allow_vocab_mismatch: bool = False,
-                       tensor_parallel_degree: int = 1, verify: bool = False) -> Dict[str, Any]:
+                       tensor_parallel_degree: int = 1, verify: bool = False,
+                       safe_serialization: bool = True, megatron_layout: str = "core") -> Dict[str, Any]:
     """Convert a checkpoint (HF, Megatron-LM or one of our Paddle directories, see ``open_checkpoint``)
     into ``destination``, written whole or not at all, and return the conversion report.
 
-    ``to="paddle"``: ``config.json`` + ``model_state.pdparams``; ``"hf"``: ``config.json`` +
+    ``to="paddle"``: ``config.json`` + ``model.safetensors`` (``safe_serialization=False``:
+    ``model_state.pdparams``); ``"hf"``: ``config.json`` +
     ``model.safetensors`` for ``transformers``; ``"megatron"``: ``release/mp_rank_XX/model_optim_rng.pt``
-    for ``tensor_parallel_degree`` ranks + ``latest_checkpointed_iteration.txt``. Beside them ``vocab.txt``
+    for ``tensor_parallel_degree`` ranks + ``latest_checkpointed_iteration.txt``, in ``megatron_layout``
+    (``core``: what Megatron-LM loads today; ``legacy``: the legacy BERT). Beside them ``vocab.txt``
     (and ``tokenizer_config.json``) when a vocab is known, and ``conversion_report.json``. ``verify``
     runs a probe batch through the source in its own framework and through the result (needs torch and
     transformers; HF <-> Paddle only).
@@ -168,15 +134,25 @@ def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None
         notes = checkpoint.notes
 
         vocab_path = vocab_file or find_vocab_file(source, checkpoint, workdir)
+        # HF and Paddle configs do not say the TP degree the vocab was padded for: allow Megatron's usual 8.
+        padded_for = checkpoint.tensor_parallel_degree if checkpoint.kind == "megatron" else DEFAULT_PADDED_FOR_TP
+        if vocab_path is None:
+            # The NGC zips ship no vocab: the embedding's rows tell which of BERT's two vocabularies it is.
+            bundled = registered_vocab_for_rows(config.vocab_size, padded_for)
+            if bundled is not None:
+                vocab_path = REGISTERED_VOCABS[bundled]
+                config.do_lower_case = REGISTERED_LOWER_CASE[bundled]
+                notes.append(f"the source ships no vocab: added the bundled {bundled} vocab ({vocab_path}), "
+                             f"the one whose size fits the {config.vocab_size} embedding rows; pass --vocab_file "
+                             "to use another")
         vocab_tokens = count_vocab(vocab_path) if vocab_path else None
         if vocab_path:
-            # HF and Paddle configs do not say the TP degree the vocab was padded for: allow Megatron's usual 8.
-            padded_for = checkpoint.tensor_parallel_degree if checkpoint.kind == "megatron" else 8
             error = check_vocab_fits(vocab_path, vocab_tokens, config.vocab_size, padded_for, allow_vocab_mismatch)
             if error:
                 raise ValueError(error)
 
-        tensors = _write_weights(checkpoint, partial, to, dtype, tensor_parallel_degree, vocab_tokens)
+        tensors = _write_weights(checkpoint, partial, to, dtype, tensor_parallel_degree, vocab_tokens,
+                                 safe_serialization, megatron_layout)
         if to == "megatron":
             config.vocab_size = padded_vocab_size(vocab_tokens or config.vocab_size, tensor_parallel_degree)
         config.dtype = dtype
@@ -194,7 +170,7 @@ def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None
                          "vocabs: MegatronBertTokenizer.from_pretrained('megatronbert-cased'/'-uncased'))")
         report = _report(source, checkpoint, to, dtype, vocab_path, vocab_tokens, tensors, tensor_parallel_degree)
         if verify:
-            from .verify import verify_conversion
+            from ..verify import verify_conversion
 
             report["verify"] = verify_conversion(source, checkpoint, partial, to)
         report["seconds"] = round(time.time() - started, 2)
@@ -211,7 +187,8 @@ def convert_checkpoint(source: str, destination: str, kind: Optional[str] = None
 
 
 def _write_weights(checkpoint: Checkpoint, directory: str, to: str, dtype: str, tensor_parallel_degree: int,
-                   vocab_tokens: Optional[int]) -> List[Dict]:
+                   vocab_tokens: Optional[int],
+                   safe_serialization: bool = True, megatron_layout: str = "core") -> List[Dict]:
     """Convert tensor by tensor into the target's layout and write it; returns the report's tensor list."""
     config, tensors, state = checkpoint.config, [], {}
     for name, value, source_name in checkpoint.iter_tensors():
@@ -227,12 +204,16 @@ def _write_weights(checkpoint: Checkpoint, directory: str, to: str, dtype: str, 
         tensors.append(entry)
         del value
     if to == "paddle":
-        save_state(state, os.path.join(directory, WEIGHTS_NAME))
+        if safe_serialization:
+            write_safetensors(state, os.path.join(directory, WEIGHTS_NAME))
+        else:
+            write_pdparams(state, os.path.join(directory, PADDLE_WEIGHTS_NAME))
     elif to == "hf":
-        write_safetensors(state, os.path.join(directory, "model.safetensors"), {"format": "pt"}, dtype=dtype)
+        write_safetensors(state, os.path.join(directory, WEIGHTS_NAME), {"format": "pt"}, dtype=dtype)
     else:
         names = write_megatron_checkpoint(directory, config, state, tensor_parallel_degree,
-                                          vocab_tokens or config.vocab_size, dtype, checkpoint.notes)
+                                          vocab_tokens or config.vocab_size, dtype, checkpoint.notes,
+                                          layout=megatron_layout)
         for entry in tensors:
             entry["target"] = names.get(entry["target"], f"(left out) {entry['target']}")
     return tensors

@@ -9,10 +9,14 @@ different count is an error naming the file and line, never a silently shifted l
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from ..logging_utils import progress
+from .text_files import read_utf8_text
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,10 @@ class GlueExample:
 
 def read_glue_tsv(path: str, task: GlueTask) -> List[GlueExample]:
     """Examples of one official GLUE TSV file (tab-separated, no quoting: sentences contain quotes)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GLUE {task.directory} file not found: {path}")
+    text = read_utf8_text(path, f"GLUE {task.directory}")
     csv.field_size_limit(sys.maxsize)
     examples = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if task.has_header:
             header = next(reader, None)
@@ -128,11 +131,32 @@ def read_glue_tsv(path: str, task: GlueTask) -> List[GlueExample]:
     return examples
 
 
+def glue_task_dir(data_dir: str, task: GlueTask) -> str:
+    """The directory of ``task``'s TSV files: ``data_dir`` may be the GLUE root (``glue_data``, holding
+    ``MNLI/``, as PaddleNLP takes it) or the task's own directory (``glue_data/MNLI``, as NVIDIA
+    DeepLearningExamples and HF's old run_glue.py take it). Task directories match case-insensitively."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data_dir {data_dir} is not a directory")
+    entries = {name.lower(): name for name in os.listdir(data_dir)}
+    if task.directory.lower() in entries and os.path.isdir(os.path.join(data_dir, entries[task.directory.lower()])):
+        return os.path.join(data_dir, entries[task.directory.lower()])
+    own_files = [f"{split}.tsv" for split in ("train", *task.dev_splits)]
+    if any(name in entries for name in own_files):
+        named = os.path.basename(os.path.normpath(data_dir)).lower()
+        others = [t.directory for t in GLUE_TASKS.values() if t.directory.lower() == named and t is not task]
+        if others:  # SST-2's train.tsv/dev.tsv would read as another task's
+            raise ValueError(f"--data_dir {data_dir} is the {others[0]} directory but --task_name is {task.directory}")
+        return data_dir
+    raise FileNotFoundError(f"--data_dir {data_dir} has neither a {task.directory}/ directory (the GLUE root) nor "
+                            f"{task.directory}'s {' / '.join(own_files)} (its task directory)")
+
+
 def load_glue_split(task: GlueTask, split: str, data_dir: Optional[str] = None) -> List[GlueExample]:
-    """``split`` (``train``, ``dev``, ``dev_matched`` ...) from ``data_dir/<Task>/<split>.tsv``, or without
-    ``data_dir`` from PaddleNLP's ``glue`` dataset (downloaded once; needs a network)."""
+    """``split`` (``train``, ``dev``, ``dev_matched`` ...) from ``<split>.tsv`` of the task's directory in
+    ``data_dir`` (:func:`glue_task_dir`), or without ``data_dir`` from PaddleNLP's ``glue`` dataset
+    (downloaded once; needs a network)."""
     if data_dir:
-        return read_glue_tsv(os.path.join(data_dir, task.directory, f"{split}.tsv"), task)
+        return read_glue_tsv(os.path.join(glue_task_dir(data_dir, task), f"{split}.tsv"), task)
     try:
         from paddlenlp.datasets import load_dataset
 
@@ -154,10 +178,8 @@ def load_glue_split(task: GlueTask, split: str, data_dir: Optional[str] = None) 
 def build_glue_features(examples: Sequence[GlueExample], tokenizer, max_seq_length: int = 128,
                         show_progress: bool = True) -> List[Dict[str, object]]:
     """``[CLS] a [SEP] (b [SEP])`` ids, truncated longest-first to ``max_seq_length``, with the label."""
-    from tqdm import tqdm
-
     features = []
-    for example in tqdm(examples, desc="building GLUE features", disable=not show_progress):
+    for example in progress(examples, "building GLUE features", enabled=show_progress):
         encoded = tokenizer(example.text_a, text_pair=example.text_b, max_length=max_seq_length, truncation=True)
         features.append({"input_ids": encoded["input_ids"], "token_type_ids": encoded["token_type_ids"],
                          "labels": example.label})

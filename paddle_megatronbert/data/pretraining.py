@@ -86,6 +86,8 @@ def inspect_shard(path: str, max_predictions_per_seq: Optional[int] = None) -> S
     if max_predictions_per_seq is not None and pred[1] != max_predictions_per_seq:
         raise ValueError(f"shard {path} has {pred[1]} masked positions per sequence but "
                          f"--max_predictions_per_seq is {max_predictions_per_seq}")
+    if n == 0:  # known from the header: refuse at start, not when the loader reaches it mid-epoch
+        raise ValueError(f"shard {path} holds no samples (input_ids has 0 rows): remove it or remake it")
     return ShardInfo(path, int(n), int(seq), int(pred[1]), None if vocab_size is None else int(vocab_size))
 
 
@@ -111,19 +113,46 @@ def read_shard(path: str, max_predictions_per_seq: Optional[int] = None,
             arrays = {key: np.asarray(f[key][...]) for key in SHARD_KEYS}
     except (OSError, ValueError, RuntimeError) as err:  # a corrupt chunk fails only when read
         raise ValueError(f"cannot read shard {path} (corrupt or truncated?): {err}") from None
-    if info.num_samples == 0:
-        raise ValueError(f"shard {path} holds no samples")
+    check_shard_values(path, arrays, info.seq_length, vocab_size)
+    return arrays
+
+
+# field: the values a DLE shard may hold there
+_BINARY_FIELDS = {"next_sentence_labels": "0 (the real next sentence) or 1 (a random one)",
+                  "segment_ids": "0 (sentence A) or 1 (sentence B)",
+                  "input_mask": "0 (padding) or 1 (a token)"}
+
+
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.argwhere(mask)[0][0])
+
+
+def check_shard_values(path: str, arrays: Dict[str, np.ndarray], seq_length: int,
+                       vocab_size: Optional[int] = None) -> None:
+    """ValueError in one line naming the shard, the field, the bad value and its row, for values no model
+    input may hold: labels, segments and mask outside {0, 1} (a mask of 3 would silently become a large
+    positive attention bias), negative ids or positions, ids outside the vocabulary, positions past the
+    sequence."""
+    for key, allowed in _BINARY_FIELDS.items():
+        values = arrays[key]
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            raise ValueError(f"shard {path}: {key} holds {int(values[bad][0])} (row {_first_row(bad)}); it must be "
+                             f"{allowed}")
+    for key in ("input_ids", "masked_lm_ids", "masked_lm_positions"):
+        values = arrays[key]
+        if (values < 0).any():
+            raise ValueError(f"shard {path}: {key} holds the negative value {int(values.min())} "
+                             f"(row {_first_row(values < 0)}); ids and positions are >= 0")
     if vocab_size is not None:
         for key in ("input_ids", "masked_lm_ids"):
             top = int(arrays[key].max())
-            if top >= vocab_size or int(arrays[key].min()) < 0:
+            if top >= vocab_size:
                 raise ValueError(f"shard {path}: {key} reaches id {top} but the model's vocab_size is {vocab_size}: "
                                  "the shard was made with a different (larger) vocab than the config")
-    positions = arrays["masked_lm_positions"]
-    if int(positions.max()) >= info.seq_length or int(positions.min()) < 0:
-        raise ValueError(f"shard {path}: masked_lm_positions reach {int(positions.max())}, outside the "
-                         f"sequence length {info.seq_length}")
-    return arrays
+    top = int(arrays["masked_lm_positions"].max())
+    if top >= seq_length:
+        raise ValueError(f"shard {path}: masked_lm_positions reach {top}, outside the sequence length {seq_length}")
 
 
 def make_batch(arrays: Dict[str, np.ndarray], rows: np.ndarray) -> Dict[str, np.ndarray]:
@@ -179,6 +208,7 @@ class PretrainingDataLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.vocab_size = seed, shuffle, vocab_size
         self.max_predictions_per_seq = max_predictions_per_seq
+        self.files = list(files)
         infos = [inspect_shard(path, max_predictions_per_seq) for path in files]
         for info in infos:
             if vocab_size is not None:
@@ -289,9 +319,19 @@ class PretrainingDataLoader:
             raise ValueError(f"the checkpoint's data position was taken with batch_size {state['batch_size']}, "
                              f"this run has {self.batch_size}: resume with the same batch size")
         if int(state.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
-            raise ValueError(f"the input shards changed since the checkpoint (an epoch was "
-                             f"{state['steps_per_epoch']} batches, now {self.steps_per_epoch})")
+            raise ValueError(f"an epoch was {state['steps_per_epoch']} batches per rank when the checkpoint was "
+                             f"written and is {self.steps_per_epoch} now: the input shards or the number of "
+                             "data-parallel ranks changed since; resume with the same ones")
         self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+
+    def fingerprint(self) -> Dict[str, object]:
+        """What decides this data's order, for the run fingerprint a resume compares
+        (:func:`paddle_megatronbert.faults.run_fingerprint`): every shard of the run (name, size, header
+        checksum) and the predictions per sequence."""
+        from ..faults import file_fingerprint
+
+        return {"files": [file_fingerprint(path) for path in self.files],
+                "max_predictions_per_seq": self.max_predictions_per_seq}
 
     def close(self) -> None:
         if self._executor is not None:

@@ -16,6 +16,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..logging_utils import progress
+from .text_files import read_utf8_text
+
 logger = logging.getLogger(__name__)
 
 Offset = Tuple[int, int]  # [start, end) character span in the original text
@@ -124,11 +127,9 @@ def parse_squad_json(data: dict, version_2_with_negative: bool, path: str = "<da
 
 def read_squad_examples(path: str, version_2_with_negative: bool):
     """Examples and stats of a SQuAD JSON file (see :func:`parse_squad_json`)."""
+    text = read_utf8_text(path, "SQuAD")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"SQuAD file not found: {path}") from None
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
     return parse_squad_json(data, version_2_with_negative, path)
@@ -301,14 +302,12 @@ def build_squad_features(examples: Sequence[SquadExample], tokenizer, max_seq_le
     """
     if doc_stride < 1:
         raise ValueError(f"doc_stride must be >= 1, got {doc_stride}")
-    from tqdm import tqdm
-
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     features: List[SquadFeature] = []
     skipped = 0
     cached_context = None
     desc = "building SQuAD training features" if is_training else "building SQuAD prediction features"
-    for example_index, example in enumerate(tqdm(examples, desc=desc, disable=not show_progress)):
+    for example_index, example in enumerate(progress(examples, desc, enabled=show_progress)):
         query_tokens, _ = tokenize_with_offsets(tokenizer, example.question)
         query_ids = tokenizer.convert_tokens_to_ids(query_tokens[:max_query_length])
         if example.context != cached_context:  # questions of one paragraph come together: tokenize it once

@@ -107,18 +107,42 @@ def _library_path(build_dir: str) -> str:
     return os.path.join(build_dir, LIBRARY_NAME, LIBRARY_NAME + ".so")
 
 
-def _build(build_dir: str) -> None:
-    """Compile into ``build_dir`` (registers the ops in this process as a side effect)."""
-    import io
+BUILD_LOG = "build.log"
 
+
+@contextlib.contextmanager
+def _output_to(path: str):
+    """Send everything written to file descriptors 1 and 2 into ``path``: the compiler's own lines and
+    setuptools' log come from subprocesses and handlers that Python-level redirection never sees."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "ab") as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def _build(build_dir: str) -> None:
+    """Compile into ``build_dir`` (registers the ops in this process as a side effect). The compiler's output
+    goes to ``build_dir/build.log``, shown only when the build fails."""
     from paddle.utils import cpp_extension
 
     logger.info("building the custom CPU kernels once into %s (about 30 s)", build_dir)
     os.makedirs(build_dir, exist_ok=True)
-    log = io.StringIO()
-    # cpp_extension prints progress to stdout: keep it out of the user's output unless the build fails.
-    with contextlib.redirect_stdout(log):
-        try:
+    log_path = os.path.join(build_dir, BUILD_LOG)
+    try:
+        with _output_to(log_path):
             cpp_extension.load(
                 name=LIBRARY_NAME,
                 sources=[os.path.join(KERNEL_DIR, s) for s in SOURCES],
@@ -127,8 +151,10 @@ def _build(build_dir: str) -> None:
                 build_directory=build_dir,
                 verbose=False,
             )
-        except Exception as err:
-            raise RuntimeError(f"{err} {log.getvalue()[-2000:]}") from None
+    except Exception as err:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"{err} (build log {log_path}): {tail}") from None
 
 
 def _load_or_build() -> KernelLibrary:

@@ -1,5 +1,5 @@
 """Checks that need several processes, launched by tests/test_parallel.py through
-``python -m paddle.distributed.launch --nproc_per_node 2 ... tests/dist/parallel_checks.py --scenario S --out DIR``.
+``python -m paddle.distributed.launch --nproc_per_node N ... tests/dist/parallel_checks.py --scenario S --out DIR``.
 
 Each rank writes its measurements to ``DIR/S.rank{R}.json``; the pytest side asserts on them, so one launch
 (~7 s of fleet start-up on CPU) serves many checks. Scenarios:
@@ -7,8 +7,11 @@ Each rank writes its measurements to ``DIR/S.rank{R}.json``; the pytest side ass
 - ``tp``: tensor parallelism at TP=2 against TP=1 references computed in the same processes;
 - ``dp``: data parallelism (dp=2, paddle.DataParallel) against one process on the full batch;
 - ``sharding``: ZeRO stage 1 (sharding=2) against one process on the full batch;
-- ``bad_world`` / ``bad_heads``: a runner's start-up with bad degrees / a config TP cannot split: must
-  fail on every rank before any collective.
+- ``grid_tp_dp`` / ``grid_tp_sharding`` (4 processes): pretraining on tp=2 x dp=2 and tp=2 x sharding=2
+  against one process on the global batch, collectives per group, dropout streams, checkpoints at 1 x 1
+  and tp=4;
+- ``bad_world`` (6 processes, tp=4) / ``bad_heads`` (4 processes, 3 heads at tp=2): a runner's start-up with
+  bad degrees / a config TP cannot split: must fail on every rank before any collective.
 """
 
 import argparse
@@ -31,14 +34,15 @@ from paddle_megatronbert import (  # noqa: E402
     MegatronBertForSequenceClassification,
     ops,
     parallel,
+    tp_plan,
 )
 from paddle_megatronbert.distributed import (  # noqa: E402
     init_distributed,
+    new_group,
     validate_tp_config,
     wrap_model,
     wrap_optimizer,
 )
-from paddle_megatronbert.modeling import tensor_parallel_split_kind  # noqa: E402
 from paddle_megatronbert.training import build_optimizer  # noqa: E402
 
 SEED = 1234
@@ -118,12 +122,12 @@ def max_abs(a, b):
 
 def gather_full(name, local, topo):
     """The full tensor of a parameter (or its gradient) from every TP rank's shard."""
-    kind = tensor_parallel_split_kind(name)
+    kind = tp_plan.split_kind(name)
     if kind is None or topo.tp_degree == 1:
         return local
     pieces = []
     dist.all_gather(pieces, paddle.to_tensor(local), group=topo.tp_group)
-    return parallel.merge_arrays([p.numpy() for p in pieces], kind, TINY["vocab_size"])
+    return tp_plan.merge([p.numpy() for p in pieces], kind, TINY["vocab_size"])
 
 
 def same_on_all_tp_ranks(local, topo):
@@ -165,7 +169,7 @@ def scenario_tp(args):
     model = build("pretraining", tensor_parallel_degree=2)
     full_ref = reference.full_state_dict()
     result["shard_max_diff"] = max(
-        max_abs(value.numpy(), parallel.shard_array(full_ref[name], tensor_parallel_split_kind(name), 2, topo.tp_rank))
+        max_abs(value.numpy(), tp_plan.shard_param(name, full_ref[name], 2, topo.tp_rank))
         for name, value in model.state_dict().items()
     )
     result["sharded_names"] = sorted(n for n, p in model.named_parameters() if p.is_distributed)
@@ -347,26 +351,195 @@ def run_data_parallel(args, **degrees):
     return topo, result
 
 
+class CollectiveLog:
+    """Records every all_reduce / reduce / broadcast as (op, ranks of its group) while active."""
+
+    OPS = ("all_reduce", "reduce", "broadcast")
+
+    def __init__(self):
+        self.calls, self._originals = [], {op: getattr(dist, op) for op in self.OPS}
+
+    def __enter__(self):
+        for op, original in self._originals.items():
+            def recording(*a, _op=op, _original=original, **kw):
+                group = kw.get("group")
+                self.calls.append((_op, "world" if group is None else ",".join(map(str, group.ranks))))
+                return _original(*a, **kw)
+
+            setattr(dist, op, recording)
+        return self
+
+    def __exit__(self, *exc):
+        for op, original in self._originals.items():
+            setattr(dist, op, original)
+
+    def counts(self):
+        out = {}
+        for op, ranks in self.calls:
+            out[f"{op}@{ranks}"] = out.get(f"{op}@{ranks}", 0) + 1
+        return out
+
+
+def grid_batch(seed):
+    """make_batch with one unlabelled MLM slot in each half, so each replica's masked mean is over as many
+    labels as the other's and the mean of the replicas' losses is the one-process loss on the whole batch."""
+    batch = make_batch(seed)
+    batch["labels"][1, MASKED - 1] = -100
+    return batch
+
+
+def all_gather_numpy(value, group=None):
+    pieces = []
+    dist.all_gather(pieces, paddle.to_tensor(np.asarray(value)), group=group)
+    return [p.numpy() for p in pieces]
+
+
+def run_grid(args, **degrees):
+    """Pretraining on the dp x tp x sharding grid vs one process on the same global batch: 5 AdamW steps
+    (clipping active), collectives per step by group, data and dropout streams per rank, and (tp x dp)
+    checkpoints loaded at 1 x 1 and tp=4."""
+    topo = init_distributed(seed=SEED, **degrees)
+    ranks = lambda group: None if group is None else ",".join(map(str, group.ranks))  # noqa: E731
+    result = dict(rank=topo.rank, tp_degree=topo.tp_degree, dp_degree=topo.dp_degree,
+                  sharding_degree=topo.sharding_degree, tp_rank=topo.tp_rank, dataset_rank=topo.dataset_rank,
+                  tp_group=ranks(topo.tp_group), dp_group=ranks(topo.dp_group),
+                  sharding_group=ranks(topo.sharding_group), clip_norm=CLIP_NORM)
+    replicas = topo.dataset_world_size
+    rows_per_replica = BATCH // replicas
+    rows = slice(topo.dataset_rank * rows_per_replica, (topo.dataset_rank + 1) * rows_per_replica)
+    result["batch_rows"] = [rows.start, rows.stop]
+
+    def train(model, optimizer, rows, distributed, log=None):
+        losses = []
+        for step in range(5):
+            inputs = head_inputs("pretraining", grid_batch(300 + step), rows)
+            with (log.phase("forward") if log and step == 0 else contextlib.nullcontext()):
+                loss = model(**inputs, return_dict=True).loss
+            with (log.phase("backward") if log and step == 0 else contextlib.nullcontext()):
+                loss.backward()
+            if not distributed and step == 0:
+                result["first_grad_norm"] = float(
+                    sum((p.grad.astype("float64") ** 2).sum() for p in model.parameters()) ** 0.5)
+            with (log.phase("optimizer") if log and step == 0 else contextlib.nullcontext()):
+                optimizer.step()
+            optimizer.clear_grad()
+            mean = loss.detach().clone()
+            if distributed:  # the mean over replicas (TP peers hold the same loss)
+                dist.all_reduce(mean)
+                mean = mean / topo.world_size
+            losses.append(float(mean))
+        return losses
+
+    class PhaseLog:
+        def __init__(self):
+            self.counts = {}
+
+        @contextlib.contextmanager
+        def phase(self, name):
+            with CollectiveLog() as log:
+                yield
+            self.counts[name] = log.counts()
+
+    with single_process_view():
+        reference = build("pretraining")
+        ref_losses = train(reference, build_optimizer(reference, 2e-3, max_grad_norm=CLIP_NORM), slice(None), False)
+    model = build("pretraining", tensor_parallel_degree=topo.tp_degree)
+    wrapped = wrap_model(model, topo)
+    optimizer = wrap_optimizer(build_optimizer(model, 2e-3, max_grad_norm=CLIP_NORM), topo)
+    phases = PhaseLog()
+    losses = train(wrapped, optimizer, rows, True, phases)
+    ref_state = reference.state_dict()
+    result.update(
+        ref_losses=ref_losses, losses=losses, loss_max_diff=max_abs(ref_losses, losses),
+        param_max_diff=max(max_abs(gather_full(n, v.numpy(), topo), ref_state[n].numpy())
+                           for n, v in model.state_dict().items()),
+        collectives=phases.counts, parameters_total=len(model.parameters()),
+        distributed_parameters=sum(p.is_distributed for p in model.parameters()),
+        inner_optimizer=type(getattr(optimizer, "_inner_opt", optimizer)).__name__,
+    )
+    if topo.sharding_degree > 1:  # ZeRO-1: each rank keeps the AdamW moments of its share of the parameters
+        result["moment_tensors_here"] = len(optimizer._inner_opt._inner_opt._accumulators.get("moment1", {}))
+
+    # dropout streams: outside the TP region one per replica, inside one per (replica, tp rank)
+    parallel.seed_tensor_parallel_rng(7)
+    outside = paddle.rand([4]).numpy()
+    with parallel.tensor_parallel_rng():
+        inside = paddle.rand([4]).numpy()
+    result["rng_outside"] = [float(x) for x in outside]
+    result["rng_inside"] = [float(x) for x in inside]
+
+    if topo.dp_degree > 1 and topo.sharding_degree == 1:
+        result["checkpoint"] = grid_checkpoints(args, topo, model)
+    return topo, result
+
+
+def grid_checkpoints(args, topo, model):
+    """Save the trained grid model (merged and per-rank files), load it at 1 x 1 and at tp=4."""
+    inputs = head_inputs("pretraining", grid_batch(0))
+    inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids", "masked_lm_positions")}
+
+    def outputs(m):
+        m.eval()
+        out = m(**inputs, return_dict=True)
+        return out.prediction_logits.numpy(), out.seq_relationship_logits.numpy()
+
+    grid_outputs = outputs(model)
+    full = {n: gather_full(n, v.numpy(), topo) for n, v in model.state_dict().items()}
+    merged_dir, shards_dir = os.path.join(args.out, "grid_merged"), os.path.join(args.out, "grid_shards")
+    model.save_pretrained(merged_dir, merge_tensor_parallel=True)
+    model.save_pretrained(shards_dir, merge_tensor_parallel=False)
+    dist.barrier()  # replica 1 returns from save_pretrained at once (replica 0 writes): wait for the files
+    ckpt = dict(merged_files=sorted(os.listdir(merged_dir)), shard_files=sorted(os.listdir(shards_dir)))
+
+    def diff(loaded):
+        return max(max_abs(a, b) for a, b in zip(outputs(loaded), grid_outputs))
+
+    with single_process_view():
+        for label, directory in (("merged", merged_dir), ("shards", shards_dir)):
+            loaded = MegatronBertForPreTraining.from_pretrained(directory)
+            ckpt[f"tp1_from_{label}_degree"] = loaded.config.tensor_parallel_degree
+            ckpt[f"tp1_from_{label}_param_diff"] = max(max_abs(v.numpy(), full[n])
+                                                       for n, v in loaded.state_dict().items())
+            ckpt[f"tp1_from_{label}_output_diff"] = diff(loaded)
+    # tp=4 over all four processes: a group of its own, registered while the tp=4 models run
+    everyone = new_group(list(range(topo.world_size)))
+    saved = (parallel._TP_GROUP, parallel._TP_RANK, parallel._TP_DEGREE, parallel._REPLICA_RANK)
+    parallel.set_tensor_parallel_group(everyone, topo.rank, topo.world_size)
+    try:
+        for label, directory in (("merged", merged_dir), ("shards", shards_dir)):
+            loaded = MegatronBertForPreTraining.from_pretrained(directory)
+            ckpt[f"tp4_from_{label}_degree"] = loaded.config.tensor_parallel_degree
+            ckpt[f"tp4_from_{label}_word_rows"] = loaded.bert.embeddings.word_embeddings.weight.shape[0]
+            ckpt[f"tp4_from_{label}_param_diff"] = max(
+                max_abs(v.numpy(), tp_plan.shard_param(n, full[n], topo.world_size, topo.rank))
+                for n, v in loaded.state_dict().items())
+            ckpt[f"tp4_from_{label}_output_diff"] = diff(loaded)
+    finally:
+        parallel.set_tensor_parallel_group(*saved)
+    return ckpt
+
+
 def scenario_bad_world(args):
-    # 2 processes cannot be tensor_parallel_degree 4: the runner's first call must fail on every rank
-    init_distributed(tensor_parallel_degree=4, data_parallel_degree=1)
-    raise AssertionError("init_distributed accepted a world size of 2 for dp 1 x tp 4")
+    # 6 processes cannot be split into tensor_parallel_degree 4 groups: the first call fails on every rank
+    init_distributed(tensor_parallel_degree=4)
+    raise AssertionError("init_distributed accepted a world size of 6 for tp 4")
 
 
 def scenario_bad_heads(args):
-    # the order a runner uses: config from flags (validated) -> topology -> model
-    config = MegatronBertConfig(**{**TINY, "num_attention_heads": 1, "hidden_size": 32})
+    # the order a runner uses: config from flags (validated) -> topology -> model; 3 heads do not split over 2
+    config = MegatronBertConfig(**{**TINY, "num_attention_heads": 3, "hidden_size": 24, "intermediate_size": 48})
     validate_tp_config(config, 2)
     init_distributed(tensor_parallel_degree=2)
-    raise AssertionError("validate_tp_config accepted 1 head at tensor_parallel_degree 2")
+    raise AssertionError("validate_tp_config accepted 3 heads at tensor_parallel_degree 2")
 
 
 SCENARIOS = {
     "tp": scenario_tp,
     "dp": lambda args: run_data_parallel(args, data_parallel_degree=2),
     "sharding": lambda args: run_data_parallel(args, sharding_degree=2),
-    # 4 processes on GPUs: on CPU, gloo cannot build the strided dp groups of a dp x tp grid
-    "tp_dp": lambda args: run_data_parallel(args, tensor_parallel_degree=2, data_parallel_degree=2),
+    # 4 processes: the 2-D grids
+    "grid_tp_dp": lambda args: run_grid(args, tensor_parallel_degree=2, data_parallel_degree=2),
+    "grid_tp_sharding": lambda args: run_grid(args, tensor_parallel_degree=2, sharding_degree=2),
     "bad_world": scenario_bad_world,
     "bad_heads": scenario_bad_heads,
 }

@@ -3,6 +3,9 @@
 HF -> Paddle compares transformers on SRC with our model on DST; Paddle -> HF the reverse. Megatron-LM
 checkpoints have no framework here to run them (Megatron-LM needs CUDA and its own checkout), so those
 conversions are reported as not verified; the tests check them against a numpy Megatron forward.
+
+It runs both models, so it sits above the model and the converters (converters never import the model);
+``convert.writer`` calls it only when asked to verify.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def probe_batch(config, batch: int = 2, seq: int = 16, seed: int = 1234) -> Dict
 
 
 def _head_name(config) -> str:
-    from ..modeling import MODEL_CLASSES
+    from .modeling import MODEL_CLASSES
 
     names = [a for a in (config.architectures or []) if a in MODEL_CLASSES]
     return names[0] if names else "MegatronBertForPreTraining"
@@ -45,7 +48,7 @@ def _run_transformers(directory: str, head: str, inputs, choices: bool):
 def _run_ours(directory: str, head: str, inputs, choices: bool):
     import paddle
 
-    from ..modeling import MODEL_CLASSES
+    from .modeling import MODEL_CLASSES
 
     model = MODEL_CLASSES[head].from_pretrained(directory)
     model.eval()
