@@ -96,14 +96,6 @@ def pretraining_flops(config, batch, seq, lm_rows):
 WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
 PARITY_TOLERANCE = 1e-3  # absolute, on the eval-mode loss of the first batch, fp32 contestants against ours
 # Our names -> PaddleNLP's, applied in order (the inverse of paddle_megatronbert/convert/paddlenlp.py).
-_TO_PADDLENLP = [
-    (r"^bert\.", "megatronbert."),
-    (r"\.attention\.ln\.", ".attention.layer_norm."),
-    (r"(\.layer\.\d+)\.ln\.", r"\1.layer_norm."),
-    (r"^megatronbert\.encoder\.ln\.", "megatronbert.encoder.layer_norm."),
-    (r"\.transform\.LayerNorm\.", ".transform.layer_norm."),
-    (r"^cls\.predictions\.bias$", "cls.predictions.decoder_bias"),
-]
 
 
 def write_shared_state(spec, path):
@@ -140,29 +132,28 @@ def load_shared_state(path):
 
 def to_paddlenlp_state(state):
     """Our state -> PaddleNLP's ``MegatronBertForPreTraining`` (same layout; its LM decoder is a separate
-    parameter, given the word embeddings as ours and HF's tie them)."""
-    import re
+    parameter, given the word embeddings as ours and HF's tie them). The names come from the package's one
+    PaddleNLP table (``convert/paddlenlp.py``)."""
+    sys.path.insert(0, REPO)
+    from paddle_megatronbert.convert.paddlenlp import to_paddlenlp_names
 
-    out = {}
-    for name, value in state.items():
-        for pattern, replacement in _TO_PADDLENLP:
-            name = re.sub(pattern, replacement, name)
-        out[name] = value
+    out = to_paddlenlp_names(state)
     out["cls.predictions.decoder_weight"] = state[WORD_EMBEDDINGS]
     return out
 
 
-def to_hf_state(state):
-    """Our state -> HF's ``MegatronBertForPreTraining`` (numpy): 2-D Linear weights transposed to torch's
-    ``[out, in]``, embeddings not; the tied decoder is the word embeddings, its bias ``cls.predictions.bias``
-    (the inverse of ``tests/test_modeling.py::hf_state_to_ours``)."""
-    import numpy as np
+def to_hf_state(state, model_config):
+    """Our state -> HF's ``MegatronBertForPreTraining`` (numpy) through the package's one HF table
+    (``convert/hf.py::to_hf_tensors``: 2-D Linear weights to torch's ``[out, in]``); the tied decoder is the word
+    embeddings and its bias ``cls.predictions.bias``."""
+    sys.path.insert(0, REPO)
+    from paddle_megatronbert.configuration import MegatronBertConfig
+    from paddle_megatronbert.convert.hf import to_hf_tensors
 
+    config = MegatronBertConfig(**model_config)
     out = {}
     for name, value in state.items():
-        if value.ndim == 2 and "embeddings" not in name:
-            value = np.ascontiguousarray(value.T)
-        out[name] = value
+        out.update(to_hf_tensors(name, value, config))
     out["cls.predictions.decoder.weight"] = state[WORD_EMBEDDINGS]
     out["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
     return out
@@ -299,7 +290,8 @@ def build_train_step(name, spec):
 
         model = MegatronBertForPreTraining(MegatronBertConfig(**config))
         if state is not None:
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in to_hf_state(state).items()}, strict=True)
+            hf_state = to_hf_state(state, config)
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in hf_state.items()}, strict=True)
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}

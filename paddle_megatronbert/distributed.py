@@ -149,7 +149,7 @@ def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Opti
         # PaddleNLP's default, they are not re-synchronised.
         "mp_configs": {"sync_param": False},
     }
-    with _fleet_groups_on_own_stores():
+    with _fleet_groups_on_own_stores(), _quiet_fleet_start():
         fleet.init(is_collective=True, strategy=strategy)
     hcg = fleet.get_hybrid_communicate_group()
     topo = Topology(
@@ -225,6 +225,49 @@ def new_group(ranks, **kwargs):
         return collective.new_group(ranks=ranks, **kwargs)
     finally:
         collective._default_store = default_store
+
+
+class _DropModifiedFlagsBlock:
+    """A stderr wrapper that drops the "Modified FLAGS detected" block ``init_parallel_env`` writes on every
+    rank (our process settings are deliberate, see ``ops.apply_cpu_process_settings``); every other write passes."""
+
+    def __init__(self, stream):
+        self.stream, self.in_block = stream, False
+
+    def write(self, text):
+        if "Modified FLAGS detected" in text:
+            self.in_block = True
+        elif self.in_block and text.startswith("====="):
+            self.in_block = False
+        elif not self.in_block:
+            return self.stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _quiet_fleet_start():
+    """fleet.init's start-up chatter off (issue 17 item 10): its INFO lines (topology, HybridParallelInfo), the
+    "Current global rank N is not in group" warning (every rank builds every group of the grid, as Paddle
+    requires) and the modified-flags block. Its warnings and errors stay."""
+    import sys
+    import warnings
+
+    from paddle.distributed.fleet.utils import log_util
+
+    level = log_util.get_log_level_code()
+    log_util.set_log_level("WARNING")
+    stderr = sys.stderr
+    sys.stderr = _DropModifiedFlagsBlock(stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Current global rank \d+ is not in group")
+            yield
+    finally:
+        sys.stderr = stderr
+        log_util.set_log_level(level)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ tensor-parallel ranks, which the forward needs) and only global rank 0 writes fi
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -100,6 +101,18 @@ class FeatureBatches:
         indices = self._order[1][self.batches_in_epoch]
         self.batches_in_epoch += 1
         return self.collate([self.features[i] for i in indices])
+
+    def fingerprint(self) -> Dict[str, str]:
+        """What decides this data's order, for the run fingerprint a resume compares
+        (:func:`paddle_megatronbert.faults.run_fingerprint`): the count and a checksum of the training features
+        (token ids, labels ...), so another training file or other preprocessing is refused on resume."""
+        digest = hashlib.sha256()
+        for feature in self.features:
+            for key in sorted(feature):
+                value = np.asarray(feature[key])
+                digest.update(key.encode())
+                digest.update(value.tobytes() if value.dtype.kind in "biuf" else repr(feature[key]).encode())
+        return {"training_features": f"{len(self.features)} features, sha256 {digest.hexdigest()[:16]}"}
 
     def state_dict(self) -> Dict[str, int]:
         epoch, batches = self.epoch, self.batches_in_epoch

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from helpers.output_noise import noise_lines
 from helpers.runners import load_runner
 
 from paddle_megatronbert.data.glue import GLUE_TASKS, get_glue_task, read_glue_tsv
@@ -212,6 +213,24 @@ def test_fine_tuning_resumes_exactly_with_the_same_loop_as_pretraining(tiny_unca
                                                          "metrics.jsonl", "trainer_state.json"]
 
 
+def test_fine_tuning_resume_with_another_training_file_is_refused_by_name(tiny_uncased_model, tmp_path, capsys):
+    """The run fingerprint covers fine-tuning data too: a stopped run resumed over an edited train.tsv is refused
+    in one line naming the training features, not continued on other data."""
+    data = tmp_path / "glue"
+    shutil.copytree(os.path.join(GLUE_DIR, "SST-2"), data / "SST-2")
+    args = ["--task_name", "SST-2", "--data_dir", str(data), "--model_name_or_path", tiny_uncased_model,
+            "--device", "cpu", "--batch_size", "1", "--max_steps", "4", "--save_steps", "2", "--no_progress",
+            "--visualdl", "false", "--output_dir", str(tmp_path / "out")]
+    run_glue = load_runner("run_glue")
+    run_glue.main(args + ["--exit_interval", "2"])
+    train = data / "SST-2" / "train.tsv"
+    lines = train.read_text(encoding="utf-8").splitlines()
+    train.write_text("\n".join(lines[:1] + lines[2:] + lines[1:2]) + "\n", encoding="utf-8")  # same rows, other order
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint-2: training_features '\d+ features"):
+        run_glue.main(args)
+
+
 # ---- learning a synthetic task ------------------------------------------------------------------------------
 def write_synthetic_sst2(data_dir, vocab_path):
     """SST-2 layout; a sentence is 6-14 random filler words with 1, 3 or 5 of "good"/"bad" inserted, and its
@@ -268,6 +287,7 @@ def test_tensor_parallel_launch_matches_one_process(tiny_uncased_model, tmp_path
     logs = "".join(open(tmp_path / "log" / f"workerlog.{r}").read() for r in range(2))
     assert proc.returncode == 0, logs[-3000:]
     assert logs.count("eval loss: ") == 2  # matched + mismatched, printed by rank 0 only
+    assert noise_lines(logs) == []  # fleet's start-up chatter and the libraries' warnings stay out of the logs
     parallel = json.load(open(tmp_path / "tp2" / "eval_results.json"))
     assert list(parallel) == list(single)
     for key in single:

@@ -24,6 +24,28 @@ _RENAMES = [  # (PaddleNLP regex, ours), applied in order to each name
 ]
 
 
+_TO_PADDLENLP = [  # (ours regex, PaddleNLP): the inverse of _RENAMES, kept beside it so the two stay in step
+    (r"^bert\.", "megatronbert."),
+    (r"\.attention\.ln\.", ".attention.layer_norm."),
+    (r"(\.layer\.\d+)\.ln\.", r"\1.layer_norm."),
+    (r"^megatronbert\.encoder\.ln\.", "megatronbert.encoder.layer_norm."),
+    (r"\.transform\.LayerNorm\.", ".transform.layer_norm."),
+    (r"^cls\.predictions\.bias$", "cls.predictions.decoder_bias"),
+]
+
+
+def to_paddlenlp_names(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Rename every key of one of our state dicts (a head's: ``bert.`` prefix) to PaddleNLP's names (values
+    untouched). A tied model has no ``decoder_weight``: PaddleNLP's separate decoder must be given the word
+    embeddings by the caller."""
+    out = {}
+    for name, value in state.items():
+        for pattern, repl in _TO_PADDLENLP:
+            name = re.sub(pattern, repl, name)
+        out[name] = value
+    return out
+
+
 def is_paddlenlp_state(state: Dict[str, np.ndarray]) -> bool:
     """A head saved by PaddleNLP says ``megatronbert.``; its bare ``MegatronBertModel`` has no prefix but
     PaddleNLP's ``layer_norm`` (ours is ``ln``)."""

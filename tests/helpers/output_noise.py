@@ -16,6 +16,8 @@ NOISE = {
     "a carriage-return progress update": re.compile(r"\r"),
     "a traceback": re.compile(r"Traceback \(most recent call last\)"),
     "a glog INFO line of Paddle's C++ core": re.compile(r"^I\d{4} \d\d:\d\d:\d\d"),
+    "fleet's start-up chatter": re.compile(r"HybridParallelInfo|comm group|Modified FLAGS detected|"
+                                           r"is not in group"),
 }
 
 
