@@ -141,6 +141,9 @@ def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Opti
     import paddle.distributed as dist
     from paddle.distributed import fleet
 
+    from paddle.distributed.fleet.utils import log_util
+
+    log_util.set_log_level("WARNING")  # before the strategy object, which logs an INFO line when it is built
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {
         "dp_degree": dp, "mp_degree": tp, "pp_degree": 1, "sharding_degree": sharding,
@@ -150,7 +153,7 @@ def init_distributed(tensor_parallel_degree: int = 1, data_parallel_degree: Opti
         "mp_configs": {"sync_param": False},
     }
     with _fleet_groups_on_own_stores(), _quiet_fleet_start():
-        fleet.init(is_collective=True, strategy=strategy)
+        fleet.init(is_collective=True, strategy=strategy, log_level="WARNING")
     hcg = fleet.get_hybrid_communicate_group()
     topo = Topology(
         world_size=world_size,
@@ -249,16 +252,12 @@ class _DropModifiedFlagsBlock:
 
 @contextlib.contextmanager
 def _quiet_fleet_start():
-    """fleet.init's start-up chatter off (issue 17 item 10): its INFO lines (topology, HybridParallelInfo), the
+    """fleet.init's start-up chatter off (issue 17 item 10; its INFO lines go with ``log_level="WARNING"``): the
     "Current global rank N is not in group" warning (every rank builds every group of the grid, as Paddle
     requires) and the modified-flags block. Its warnings and errors stay."""
     import sys
     import warnings
 
-    from paddle.distributed.fleet.utils import log_util
-
-    level = log_util.get_log_level_code()
-    log_util.set_log_level("WARNING")
     stderr = sys.stderr
     sys.stderr = _DropModifiedFlagsBlock(stderr)
     try:
@@ -267,7 +266,6 @@ def _quiet_fleet_start():
             yield
     finally:
         sys.stderr = stderr
-        log_util.set_log_level(level)
 
 
 @contextlib.contextmanager

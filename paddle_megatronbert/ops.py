@@ -61,12 +61,15 @@ def apply_cpu_process_settings() -> None:
     - ``FLAGS_use_stride_kernel=False``: view ops return copies (with strided views, whatever consumes a
       transposed view goes through a slow single-threaded copy; the model never writes through a view).
       ``use_fast_kernels(False)`` restores it; the next fast kernel sets it again.
-    - on AMD CPUs ``MKL_DEBUG_CPU_TYPE=5`` (:func:`_use_fast_mkl_path_on_amd`) and glibc's malloc
-      thresholds (:func:`_keep_freed_memory_in_the_heap`): they change speed, not the math (GEMM summation
-      order aside), are applied once and kept until exit.
+    - glibc's malloc thresholds (:func:`_keep_freed_memory_in_the_heap`): speed, not the math; applied once
+      and kept until exit.
+    - on AMD CPUs ``MKL_DEBUG_CPU_TYPE=5`` (:func:`_use_fast_mkl_path_on_amd`) is the exception: MKL reads it
+      at its first call, and building a model already calls MKL (the weight initialisation), so waiting for
+      the first kernel left Paddle's GEMMs on MKL's slow generic path (measured: a base-size training step
+      2.4x slower). It is set when this module is imported, once per process, and reported here.
 
-    Runs by itself the first time a fast CPU kernel runs (the first LayerNorm of a forward, before any
-    GEMM, so MKL still reads its setting); building a model or running the plain path changes nothing.
+    Runs by itself the first time a fast CPU kernel runs; building a model or running the plain path changes
+    nothing.
     Call it yourself to give code that never calls these ops the same settings (the benchmarks do, for
     the peers' models). Idempotent; logs one INFO line the first time.
     """
@@ -76,7 +79,7 @@ def apply_cpu_process_settings() -> None:
     if _PROCESS["tuned"]:
         return
     _PROCESS["tuned"] = True
-    amd = _use_fast_mkl_path_on_amd()
+    amd = _MKL_PATH_SET_AT_IMPORT
     malloc = _keep_freed_memory_in_the_heap()
     logger.info("fast CPU kernels: process settings applied: %s=False%s%s (see ops.apply_cpu_process_settings)",
                 _STRIDE_FLAG, ", MKL_DEBUG_CPU_TYPE=5 (AMD CPU)" if amd else "",
@@ -118,6 +121,11 @@ def _use_fast_mkl_path_on_amd() -> bool:
     if amd:
         os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
     return amd
+
+
+# The one setting that cannot wait for the first fast kernel (see apply_cpu_process_settings): made at import,
+# before any model exists, so every process runs its GEMMs on the same MKL path whatever it did first.
+_MKL_PATH_SET_AT_IMPORT = _use_fast_mkl_path_on_amd()
 
 
 def fast_kernels_enabled() -> bool:

@@ -363,9 +363,7 @@ def test_tiny_model_learns_synthetic_squad_v2_run_as_a_user_would(tmp_path):
     out = tmp_path / "out"
     assert {"predictions.json", "nbest_predictions.json", "null_odds.json", "best_model"} <= set(os.listdir(out))
     assert {"config.json", "model.safetensors", "vocab.txt"} <= set(os.listdir(out / "best_model"))
-    # The kept checkpoint reproduces the reported numbers, predicted as a user would: a second command. (In this
-    # process the GEMM path can differ: ops sets MKL_DEBUG_CPU_TYPE when a fast kernel first runs, which takes
-    # effect only if MKL was not initialised before, so the thresholds can move by ~1e-5.)
+    # The kept checkpoint reproduces the reported numbers, predicted as a user would: a second command.
     proc = subprocess.run([sys.executable, "run_squad.py", "--do_predict", "--version_2_with_negative",
                            "--predict_file", str(tmp_path / "dev.json"), "--model_name_or_path", str(out / "best_model"),
                            "--output_dir", str(tmp_path / "again"), "--max_seq_length", "32", "--device", "cpu",
