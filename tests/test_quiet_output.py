@@ -58,6 +58,19 @@ def test_warm_squad_run_is_quiet(tiny_model, tmp_path):
     assert "newly initialised" in result.stdout + result.stderr  # the project's own note stays
 
 
+def test_making_shards_into_a_log_file_is_quiet(tmp_path):
+    """The shard tool's byte progress bar is for terminals only: under a launcher or a log file, tqdm's
+    carriage-return updates would each become a line."""
+    text = open(os.path.join(REPO, "data", "sample_text.txt"), encoding="utf-8").read()[:20000]
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    proc = run("tools/create_pretraining_data.py", "--input_file", str(tmp_path / "in.txt"), "--output_dir",
+               str(tmp_path / "shards"), "--vocab_file", "megatronbert-uncased", "--max_seq_length", "64",
+               "--max_predictions_per_seq", "10", "--dupe_factor", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote " in proc.stdout
+    assert noise_lines(proc.stdout + proc.stderr) == []
+
+
 def test_a_failure_is_one_line(tmp_path):
     result = run("run_pretrain.py", "--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out"),
                  "--device", "cpu")

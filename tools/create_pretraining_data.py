@@ -441,7 +441,8 @@ def main(argv=None) -> List[Dict[str, object]]:
     workers = min(args.num_workers or os.cpu_count() or 1, len(files))
     total_bytes = sum(os.path.getsize(f) for f in files)
     results = []
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="create_pretraining_data") as bar:
+    # disable=None: a bar on a terminal, nothing in a log file (tqdm's carriage-return updates become a line each)
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="create_pretraining_data", disable=None) as bar:
         if workers <= 1:
             for index, path in enumerate(files):
                 results.append(process_file(index, path, options, progress=bar.update))
