@@ -211,9 +211,10 @@ def predict(model, features: Sequence, collate: Callable[[Sequence], Dict], batc
 
 
 def write_json(path: str, value) -> None:
-    """``value`` as indented UTF-8 JSON (results and predictions files)."""
+    """``value`` as indented UTF-8 JSON (results and predictions files), written atomically like every other
+    file a run leaves, so a run killed while writing never leaves a truncated result."""
     import json
 
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+    from .checkpoint.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")

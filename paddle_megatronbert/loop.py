@@ -410,7 +410,6 @@ def train(model, batches, args, topo, *, loss_fields: Sequence[str] = ("loss",),
             if regular_save or exit_now:
                 state.data_position = batches.state_dict()
                 state.consumed_samples = step * samples_per_step
-            if regular_save or exit_now:
                 # The loss checked above came before this step's update: the updated weights are checked too.
                 faults.check_finite_parameters(model, step, topo, last_good=last_good)
             if regular_save and (evaluate is not None or keep_model is not None):

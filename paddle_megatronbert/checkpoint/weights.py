@@ -249,10 +249,6 @@ def weight_files(directory: str) -> List[str]:
     return safe or shards
 
 
-def has_weights(directory: str) -> bool:
-    return bool(weight_files(directory))
-
-
 def _safetensors_format(path: str) -> Optional[str]:
     try:
         return read_safetensors_metadata(path).get("format")
