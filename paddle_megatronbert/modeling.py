@@ -34,6 +34,7 @@ from .parallel import (
     VocabParallelEmbedding,
     copy_to_tensor_parallel_region,
     gather_from_tensor_parallel_region,
+    gather_full_array,
     gather_vocab_logits,
     get_tensor_parallel_rank,
     tensor_parallel_rng,
@@ -341,16 +342,7 @@ class MegatronBertPretrainedModel(nn.Layer):
 
         def resized(param, fill):
             """The full [new_num_tokens, ...] array: the kept rows of ``param``, then ``fill`` rows."""
-            if degree > 1:
-                import paddle.distributed as dist
-
-                from .parallel import get_tensor_parallel_group
-
-                pieces = []
-                dist.all_gather(pieces, param, group=get_tensor_parallel_group())
-                full = tp_plan.merge([p.numpy() for p in pieces], tp_plan.VOCAB, old_vocab)
-            else:
-                full = param.numpy()
+            full = gather_full_array(param, tp_plan.VOCAB, old_vocab) if degree > 1 else param.numpy()
             shape = [new_num_tokens] + list(full.shape[1:])
             new = (paddle.normal(0.0, self.config.initializer_range, shape).numpy() if fill == "normal"
                    else np.zeros(shape, dtype=full.dtype))

@@ -62,6 +62,15 @@ def _check_degree(degree: int) -> None:
         )
 
 
+def gather_full_array(value, kind, full_size=None):
+    """The full numpy tensor of a tensor-parallel-split parameter, from every TP rank's shard (``value``: a
+    Paddle tensor or array of this rank's shard, split as ``kind``): a collective over the TP group, so every
+    rank of the group calls it. The one gather that saving merged weights and resizing embeddings share."""
+    pieces = []
+    dist.all_gather(pieces, value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value), group=_TP_GROUP)
+    return tp_plan.merge([p.numpy() for p in pieces], kind, full_size)
+
+
 # ---- autograd mappings (Megatron's mappings.py) ---------------------------------------------------
 def _all_reduce(tensor, group):
     out = tensor.clone()

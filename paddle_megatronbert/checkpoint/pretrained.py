@@ -104,11 +104,8 @@ def from_pretrained(cls, name_or_path: str, config: Optional[MegatronBertConfig]
 def gather_full_state_dict(model) -> Dict[str, np.ndarray]:
     """Every parameter of ``model`` as its full tensor, gathered from the tensor-parallel ranks (a
     collective: every rank of the group calls it)."""
-    import paddle
-    import paddle.distributed as dist
-
     from .. import tp_plan
-    from ..parallel import get_tensor_parallel_group
+    from ..parallel import gather_full_array
 
     degree = model.config.tensor_parallel_degree
     state = model.full_state_dict()
@@ -117,12 +114,7 @@ def gather_full_state_dict(model) -> Dict[str, np.ndarray]:
     full = {}
     for name, value in state.items():
         kind = tp_plan.split_kind(name)
-        if kind is None:
-            full[name] = value
-            continue
-        pieces = []
-        dist.all_gather(pieces, paddle.to_tensor(value), group=get_tensor_parallel_group())
-        full[name] = tp_plan.merge([p.numpy() for p in pieces], kind, model.config.vocab_size)
+        full[name] = value if kind is None else gather_full_array(value, kind, model.config.vocab_size)
     return full
 
 
